@@ -13,7 +13,7 @@ import torch
 from bench import report
 from bench.cases import cases
 from bench.run import MAX_SECONDS_PER_CASE, MIN_REPEATS, run_numpy_case, run_torch_case
-from bench.timing import copy_bandwidth
+from bench.timing import MIN_SAMPLE_SECONDS, copy_bandwidth
 from bnlib import functional as BF
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,6 +104,8 @@ def main(argv=None):
         "repeats_policy": (f"fewer repeats (at least {MIN_REPEATS}) where one call of every "
                            f"function of a case takes over {MAX_SECONDS_PER_CASE:g} s / repeats; "
                            "each record stores its own"),
+        "sample_policy": (f"a sample is at least {MIN_SAMPLE_SECONDS * 1e3:g} ms: faster calls "
+                          "are repeated back to back within it and the time divided by the count"),
         "copy_bandwidth_gbs": copy_bps / 1e9,
         "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
         "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

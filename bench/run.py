@@ -41,7 +41,7 @@ def _repeats_for(fns, repeats, device):
 
     Calls every function once, untimed in the results: this is also the first warm-up call.
     """
-    (t,) = time_calls([lambda: [f() for f in fns]], 1, warmup=0, device=device)
+    (t,) = time_calls([lambda: [f() for f in fns]], 1, warmup=0, device=device, min_sample=0)
     return max(MIN_REPEATS, min(repeats, int(MAX_SECONDS_PER_CASE / max(t, 1e-9))))
 
 

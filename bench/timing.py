@@ -1,16 +1,33 @@
 """Timers (CUDA events after synchronisation on a GPU, perf_counter on a CPU) and saved-tensor bytes."""
 import gc
+import math
 import statistics
 import time
 
 import torch
 
 
-def time_calls(fns, repeats, warmup=2, device="cpu"):
-    """Median seconds of each function in fns, run interleaved (same conditions for each).
+# One timed sample lasts at least this long: a call shorter than that is repeated within the
+# sample and the sample divided by the count (as timeit's autorange does), so that timer
+# resolution and one-off interruptions weigh less on sub-millisecond calls.
+MIN_SAMPLE_SECONDS = 2e-3
 
-    Every function is called `warmup` times first; then each repeat calls every function once,
-    in an order that alternates between repeats, so that drifting load affects all alike.
+
+def calls_per_sample(seconds_per_call, min_sample=MIN_SAMPLE_SECONDS):
+    """How many back-to-back calls make one sample last at least min_sample seconds."""
+    if seconds_per_call <= 0:
+        return 1
+    return max(1, math.ceil(min_sample / seconds_per_call))
+
+
+def time_calls(fns, repeats, warmup=2, device="cpu", min_sample=MIN_SAMPLE_SECONDS):
+    """Median seconds per call of each function in fns, run interleaved (same conditions for each).
+
+    Every function is called `warmup` times first; then each repeat takes one sample of every
+    function, in an order that alternates between repeats, so that drifting load affects all
+    alike. A sample is calls_per_sample back-to-back calls (one for anything slower than
+    min_sample), timed together and divided by their count; the call that measures how many is
+    one more warm-up call (none when min_sample is 0).
     Python's garbage collector is paused while timing (as timeit does).
     """
     if repeats < 1:
@@ -18,6 +35,8 @@ def time_calls(fns, repeats, warmup=2, device="cpu"):
     for fn in fns:
         for _ in range(warmup):
             fn()
+    numbers = ([calls_per_sample(_time_one(fn, device), min_sample) for fn in fns]
+               if min_sample > 0 else [1] * len(fns))
     samples = [[] for _ in fns]
     gc.collect()
     was_enabled = gc.isenabled()
@@ -26,25 +45,28 @@ def time_calls(fns, repeats, warmup=2, device="cpu"):
         for r in range(repeats):
             order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
             for i in order:
-                samples[i].append(_time_one(fns[i], device))
+                samples[i].append(_time_one(fns[i], device, numbers[i]))
     finally:
         if was_enabled:
             gc.enable()
     return [statistics.median(s) for s in samples]
 
 
-def _time_one(fn, device):
+def _time_one(fn, device, number=1):
+    """Seconds per call of `number` back-to-back calls of fn."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        fn()
+        for _ in range(number):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3 / number
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
 
 
 def copy_bandwidth(device, nbytes=256 * 2**20, repeats=5):

@@ -1,6 +1,7 @@
 """The benchmark harness: byte counting, ratios and targets on made-up records, and a smoke run."""
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from bench import report  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 from bench.cases import SHAPES_2D, SHAPES_4D, Case, bytes_needed, cases  # noqa: E402
 from bench.run import _record, run_numpy_case, run_torch_case  # noqa: E402
-from bench.timing import saved_extra_bytes, time_calls  # noqa: E402
+from bench.timing import (MIN_SAMPLE_SECONDS, calls_per_sample, saved_extra_bytes,  # noqa: E402
+                          time_calls)
 from bnlib import functional as BF  # noqa: E402
 
 
@@ -74,10 +76,27 @@ def test_ratios_and_targets_from_made_up_times():
 
 def test_time_calls_interleaves_and_rejects_no_repeats():
     calls = []
-    time_calls([lambda: calls.append("a"), lambda: calls.append("b")], repeats=2, warmup=1)
-    assert calls == ["a", "b", "a", "b", "b", "a"]   # warm-up a, b; then a b; then b a
+
+    def slow(name):  # slower than a sample's minimum, so one call per sample
+        return lambda: (calls.append(name), time.sleep(1.5 * MIN_SAMPLE_SECONDS))
+
+    time_calls([slow("a"), slow("b")], repeats=2, warmup=1)
+    # warm-up a, b; the calls that size the samples, a, b; then a b; then b a
+    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a"]
     with pytest.raises(ValueError, match="repeats"):
         time_calls([lambda: None], repeats=0)
+
+
+def test_short_calls_are_repeated_within_a_sample_and_timed_per_call():
+    assert calls_per_sample(1.0) == 1 and calls_per_sample(0.0) == 1
+    assert calls_per_sample(MIN_SAMPLE_SECONDS / 4) == 4
+    calls = []
+    per_call = MIN_SAMPLE_SECONDS / 4
+    (t,) = time_calls([lambda: (calls.append(1), time.sleep(per_call))], repeats=3, warmup=1)
+    # 1 warm-up + 1 sizing call + 3 samples of at least 4 calls each (sleep never returns early)
+    assert len(calls) >= 2 + 3 * 4
+    # Per call, not per sample: at least one sleep, and less than the 4 sleeps any sample holds.
+    assert per_call <= t < 4 * per_call
 
 
 def test_saved_extra_bytes_sees_full_size_saves_but_not_inputs():

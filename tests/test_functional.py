@@ -148,3 +148,32 @@ def test_float32_large_offset_at_least_as_accurate_as_torch_cpu():
     # a few 1e-3 at most: 4 ulps = 3.9e-3. A cancelling E[x^2] - E[x]^2 in float32 would be
     # off by O(1) (x^2 ~ 1e8 has an ulp of 8).
     assert err_ours < 4 * 2.0**-10
+
+
+def test_float32_large_offset_gradients_at_least_as_accurate_as_torch_cpu():
+    """dx, dgamma, dbeta for 1e4 + N(0, 1) in float32, end to end, against a float64 truth."""
+    gen = torch.Generator().manual_seed(7)
+    x = (1e4 + torch.randn(4096, 8, generator=gen, dtype=torch.float64)).float()
+    dy = torch.randn(4096, 8, generator=gen)
+    xd, dyd = x.double(), dy.double()
+    xhat = (xd - xd.mean(0)) / torch.sqrt(xd.var(0, unbiased=False) + 1e-5)
+    invstd = torch.rsqrt(xd.var(0, unbiased=False) + 1e-5)
+    truth = (invstd * (dyd - dyd.mean(0) - xhat * (dyd * xhat).mean(0)), (dyd * xhat).sum(0))
+
+    def errors(fn):
+        xx = x.clone().requires_grad_()
+        w = torch.ones(8, requires_grad=True)
+        fn(xx, None, None, w, None, training=True).backward(dy)
+        return [((got.double() - want).abs().max() / want.abs().max()).item()
+                for got, want in zip((xx.grad, w.grad), truth)]
+
+    ours, theirs = errors(BF.batch_norm), errors(F.batch_norm)
+    assert all(o <= t for o, t in zip(ours, theirs)), (ours, theirs)
+    # Absolute: the saved float32 mean is off by delta <= ~1.5 ulp(1e4) = 1.5e-3 (see the test
+    # above), which shifts every x_hat by delta/sigma. dgamma = sum(dy x_hat) moves by
+    # (delta/sigma) sum(dy), and sum(dy) is about as large as sum(dy x_hat) (both ~ sqrt(m)), so
+    # its relative error is about delta/sigma: bound 3e-3. dx's x_hat term carries mean(dy x_hat)
+    # ~ 1/sqrt(m) = 1/64 on top, so dx moves by well under 1e-4 relative to its largest entry.
+    # A formula or cancellation error would be O(1).
+    err_dx, err_dgamma = ours
+    assert err_dx < 1e-4 and err_dgamma < 3e-3, ours
