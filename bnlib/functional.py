@@ -88,12 +88,25 @@ def _channel_sums(a, b, center, scale):
     return s_a, s_ab
 
 
+def _channel_affine(x, scale, shift):
+    """x * scale + shift per channel, in one pass into a new tensor.
+
+    On (N, C, *) inputs with spatial axes, torch's inference-mode batch-norm kernel with mean 0,
+    variance 1 and eps 0 computes exactly this (its inverse std is 1/sqrt(1) = 1), faster than
+    addcmul with two broadcast operands; on (N, C) addcmul is as fast and has less overhead.
+    """
+    if x.ndim == 2:
+        return torch.addcmul(shift, x, scale)
+    zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
+    return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False)
+
+
 def _compact_backward_inplace(dy, x, weight, mean, invstd, needs_input_grad):
     """compact_backward's formula: one fused pass for both reductions, one for dx, no temporary.
 
     The reductions sum(dy) and sum(dy x_hat) come from one pass over (dy, x), with x - mean
     formed per element. dx = g dy + k x + c per channel (x_hat folded into the coefficients, so
-    it is never stored), written in two elementwise calls into dx's own buffer. Folding the mean
+    it is never stored), written in two elementwise passes into dx's own buffer. Folding the mean
     into c rounds k x at |x|'s scale; the saved mean itself carries that rounding already, so
     this costs no accuracy (tests/test_functional.py measures both against float64).
     """
@@ -104,7 +117,7 @@ def _compact_backward_inplace(dy, x, weight, mean, invstd, needs_input_grad):
         g = invstd if weight is None else invstd * weight
         k = (g * invstd).mul_(sum_dy_xhat).mul_(-1.0 / m)   # coefficient of x - mean
         c = torch.mul(g, sum_dy).mul_(-1.0 / m).sub_(k * mean)
-        dx = torch.addcmul(_per_channel(c, nd), x, _per_channel(k, nd))
+        dx = _channel_affine(x, k, c)
         dx.addcmul_(dy, _per_channel(g, nd))                # dx = g dy + k (x - mean) + c
     return dx, sum_dy_xhat, sum_dy
 
