@@ -22,6 +22,15 @@ def test_found_in_the_checkout_from_a_chapter_folder():
     assert found == ROOT / "bench" / "results" / "cpu.json"
 
 
+def test_absent_from_the_checkout_is_none_without_touching_the_network(monkeypatch):
+    def no_network(url, timeout):
+        raise AssertionError(f"fetched {url} from inside a checkout")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    start = ROOT / "book" / "experiments"
+    assert common.recorded_file("book/results/no-such-run.json", start=start) is None
+
+
 def test_downloaded_once_into_the_cache_outside_a_checkout(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     urls = []

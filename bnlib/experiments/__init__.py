@@ -8,6 +8,7 @@ Each experiment module defines NAME, DESCRIPTION, DATASET, PROFILES = {"quick": 
 and wall time, and writes NAME-PROFILE.json plus the figures.
 """
 from bnlib.experiments.common import (EXPERIMENTS, default_profile, describe, load_results,
-                                      run_experiment)
+                                      recorded_file, run_experiment)
 
-__all__ = ["EXPERIMENTS", "default_profile", "describe", "load_results", "run_experiment"]
+__all__ = ["EXPERIMENTS", "default_profile", "describe", "load_results", "recorded_file",
+           "run_experiment"]

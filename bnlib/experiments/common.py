@@ -153,16 +153,25 @@ def _jsonable(v):
 REPOSITORY, BRANCH = "https://github.com/bnbook/batchnorm-book", "main"
 
 
+def _checkout_root(start):
+    """The book's repository root at or above `start` (it has _toc.yml and bnlib/), or None."""
+    for folder in (Path(start).resolve(), *Path(start).resolve().parents):
+        if (folder / "_toc.yml").is_file() and (folder / "bnlib").is_dir():
+            return folder
+    return None
+
+
 def recorded_file(relpath, start="."):
     """A file recorded in the repository, e.g. "bench/results/cpu.json" or "book/results/X.json".
 
-    Inside a checkout (the book build, CI, a clone) it is read from there: the first folder at or
-    above `start` that has relpath. Elsewhere (Colab installs only bnlib) it is downloaded once
-    from the repository into ~/.cache/bnlib. Returns its Path, or None where it exists in neither.
+    Inside a checkout (the book build, CI, a clone) it is read from there, and a file the
+    checkout lacks is simply absent: None, with no network access. Elsewhere (Colab installs
+    only bnlib) it is downloaded once from the repository into ~/.cache/bnlib. Returns its Path,
+    or None where it cannot be had.
     """
-    for folder in (Path(start).resolve(), *Path(start).resolve().parents):
-        if (folder / relpath).is_file():
-            return folder / relpath
+    root = _checkout_root(start)
+    if root is not None:
+        return root / relpath if (root / relpath).is_file() else None
     cached = Path.home() / ".cache" / "bnlib" / relpath
     if not cached.is_file():
         import urllib.error
