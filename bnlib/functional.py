@@ -102,7 +102,7 @@ def _channel_affine(x, scale, shift):
 
 
 def _compact_backward_inplace(dy, x, weight, mean, invstd, needs_input_grad):
-    """compact_backward's formula: one fused pass for both reductions, one for dx, no temporary.
+    """compact_backward's formula: one fused sweep for both reductions, then dx in two passes.
 
     The reductions sum(dy) and sum(dy x_hat) come from one pass over (dy, x), with x - mean
     formed per element. dx = g dy + k x + c per channel (x_hat folded into the coefficients, so
