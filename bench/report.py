@@ -117,6 +117,5 @@ def plot(result, path):
         ax2.legend()
     plotting.label(ax2, "staged time / compact time (higher is better)", "case",
                    "NumPy backward: compact vs staged")
-    fig.tight_layout()
     plotting.save(fig, path)
     return fig

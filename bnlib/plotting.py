@@ -16,6 +16,8 @@ STYLE = {
     "figure.dpi": 100,
     "savefig.dpi": 120,
     "savefig.bbox": "tight",
+    # Panels, their labels and a suptitle laid out without overlap.
+    "figure.constrained_layout.use": True,
     "axes.grid": True,
     "grid.alpha": 0.3,
     "axes.spines.top": False,
@@ -58,5 +60,6 @@ def save(fig, path):
     path = str(path)
     if not path.endswith(".png"):
         raise ValueError(f"path must end in .png (figures are PNG), got {path!r}")
-    fig.savefig(path, format="png", metadata={"Software": None})
+    with plt.rc_context(STYLE):  # the style's savefig settings, also outside a chapter
+        fig.savefig(path, format="png", metadata={"Software": None})
     return path

@@ -13,7 +13,7 @@ from bnlib.experiments.common import cpu_threads
 from bnlib.experiments.covariate_shift import relative_drift
 from bnlib.experiments.metrics import gradient_change, percentiles, steps_to_reach
 from bnlib.experiments.models import NoisyBatchNorm1d, held_noise, mlp
-from bnlib.experiments.noisy_bn import ics, layer_params, smoothness
+from bnlib.experiments.noisy_bn import ics, layer_params, probe, smoothness
 from bnlib.experiments.train import batch_indices, frozen_buffers, loss_fn
 
 
@@ -35,7 +35,8 @@ def test_cli_rejects_unknown_experiment(capsys):
 # Tiny configurations: digits (ships with scikit-learn, instant), a few steps.
 TINY = {
     "covariate_shift": dict(dataset="digits", steps=6, eval_every=3, widths=[8, 8]),
-    "noisy_bn": dict(dataset="digits", steps=6, eval_every=3, probe_every=3, widths=[8, 8],
+    "noisy_bn": dict(dataset="digits", steps=6, eval_every=3, probe_every=3, probe_batches=2,
+                     widths=[8, 8],
                      step_multiples=[1.0, 2.0]),
 }
 
@@ -224,3 +225,22 @@ def test_smoothness_on_a_linear_model_hand_checked():
     loss_range, _, beta = smoothness(net, x, y, lr=0.5, multiples=[1.0, 2.0])
     assert torch.allclose(beta, max(betas))
     assert torch.allclose(loss_range, (losses[0] - losses[1]).abs())
+
+
+def test_probe_averages_single_batch_probes_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    net = mlp(6, [5, 4], 3, norm="bn").double()
+    xs, ys = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    batches = batch_indices(40, 10, 4, seed=0, device="cpu")
+    cfg = {"lr": 0.3, "step_multiples": [1.0, 2.0], "probe_batches": 2}
+    before = copy.deepcopy(net.state_dict())
+    avg = probe(net, xs, ys, batches, 3, cfg)  # step 3's batch, then (wrapping) step 0's
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    singles = [ics(net, xs[batches[i]], ys[batches[i]], 0.3)
+               + smoothness(net, xs[batches[i]], ys[batches[i]], 0.3, [1.0, 2.0]) for i in (3, 0)]
+    keys = ("ics_l2", "ics_relative", "ics_cosine", "loss_range", "grad_change", "beta")
+    for n, key in enumerate(keys):
+        assert torch.allclose(avg[key], (singles[0][n] + singles[1][n]) / 2), key
+    assert not torch.allclose(singles[0][0], singles[1][0])  # two different batches
+    assert avg["ics_cosine"].shape == (2,)

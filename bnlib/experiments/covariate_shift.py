@@ -98,7 +98,7 @@ def figure(results):
         ax.legend()
         plotting.label(ax, "training step", "sigmoid input (pre-activation)",
                        f"({'b' if norm == 'no_bn' else 'c'}) {name}")
-    fig.suptitle(f"{results['profile']} profile, {results['device_name']}", y=1.03)
+    fig.suptitle(f"{results['profile']} profile, {results['device_name']}")
     return fig
 
 

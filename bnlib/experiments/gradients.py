@@ -172,7 +172,7 @@ def plot(results, out_dir):
     sq = m["at_init"]["bn"]["sq_norms"]
     ref = [sq[-1] * YANG_RELU_FACTOR ** (len(sq) - l) for l in range(1, len(sq) + 1)]
     ax.semilogy(range(1, len(sq) + 1), ref, "--", color=plotting.COLORS["reference"],
-                label="pi/(pi-1) per layer (Yang et al.)")
+                label="pi/(pi-1) per layer (wide limit, Yang et al.)")
     ax.legend()
     plotting.label(ax, "hidden layer", "squared gradient norm of W_l", f"Gradients at initialization ({tag})")
     paths.append(plotting.save(fig, out_dir / "gradients-at_init.png"))
@@ -193,7 +193,7 @@ def plot(results, out_dir):
     a1.loglog(sc, [r["relative_step"] for r in e["rescale"]], "s-", label="relative SGD step ||lr g|| / ||W||")
     a1.loglog(sc, [r["angle"] for r in e["rescale"]], "^:", label="angle of that step (rad)")
     ticks_at(a1, sc)
-    a1.legend()
+    a1.legend(loc="lower left")  # every curve falls to the right: that corner stays empty
     plotting.label(a1, "weight scale c", "norm, ratio (dimensionless) or angle (rad)", "Rescaling one BN layer's weights")
     a2.plot(e["weight_norms"], color=plotting.COLORS["bn"])
     plotting.label(a2, "SGD step", "Frobenius norm of W_2 (dimensionless)", f"Weight norm grows ({tag})")

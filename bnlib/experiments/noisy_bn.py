@@ -1,5 +1,6 @@
 """Santurkar et al. (2018): does BN help by reducing internal covariate shift? No BN, BN and
 "noisy BN" trained side by side; gradient-based ICS and smoothness along the gradient."""
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ VARIANTS = ("no_bn", "bn", "noisy_bn")
 _COMMON = {"dataset": "mnist1d", "widths": [100, 100, 100], "activation": "sigmoid",
            "batch_size": 60, "lr": 1.0, "init_std": 0.1,
            "noise": {"shift": 0.5, "scale": 1.5, "spread": 0.25},
-           "step_multiples": [0.5, 1.0, 2.0, 4.0], "unit": 0}
+           "step_multiples": [0.5, 1.0, 2.0, 4.0], "unit": 0, "probe_batches": 4}
 PROFILES = {
     "quick": {**_COMMON, "num_samples": 4000, "steps": 1000, "eval_every": 25, "probe_every": 100},
     "full": {**_COMMON, "num_samples": 70000, "steps": 20000, "eval_every": 250,
@@ -40,10 +41,20 @@ def grads(model, x, y, params):
     return torch.autograd.grad(loss_fn(model, x, y), params)
 
 
-@torch.no_grad()
-def _shift(params, direction, eta):
-    for p, d in zip(params, direction):
-        p.sub_(eta * d)
+@contextmanager
+def shifted(params, direction, eta):
+    """Within the block params are moved to params - eta * direction; on exit they are restored
+    exactly (from a copy: subtracting and adding eta * direction back would not round-trip)."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.sub_(eta * d)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
 
 
 def ics(model, x, y, lr):
@@ -62,9 +73,8 @@ def ics(model, x, y, lr):
     for k in range(1, len(layers)):
         earlier = [p for ps in layers[:k] for p in ps]
         earlier_g = [t for gs in split[:k] for t in gs]
-        _shift(earlier, earlier_g, lr)
-        g_after = grads(model, x, y, layers[k])
-        _shift(earlier, earlier_g, -lr)
+        with shifted(earlier, earlier_g, lr):
+            g_after = grads(model, x, y, layers[k])
         d, c = gradient_change(split[k], g_after)
         dist.append(d)
         rel.append(d / torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in split[k]])))
@@ -82,17 +92,31 @@ def smoothness(model, x, y, lr, multiples):
     losses, changes, betas = [], [], []
     for mult in multiples:
         eta = lr * mult
-        _shift(params, g, eta)
-        with torch.enable_grad():
+        with shifted(params, g, eta), torch.enable_grad():
             loss = loss_fn(model, x, y)
             g_eta = torch.autograd.grad(loss, params)
-        _shift(params, g, -eta)
         change = gradient_change(g, g_eta)[0]
         losses.append(loss.detach())
         changes.append(change)
         betas.append(change / (eta * gnorm))
     losses = torch.stack(losses)
     return losses.max() - losses.min(), torch.stack(changes).max(), torch.stack(betas).max()
+
+
+def probe(model, x_train, y_train, batches, i, cfg):
+    """Both probes, averaged over cfg["probe_batches"] batches: the training batch of step i and
+    the batches of the steps after it (one batch of 60 gives a noisy estimate). Each batch
+    gets its own noise draw, held fixed across that batch's passes; the model is unchanged."""
+    keys = ("ics_l2", "ics_relative", "ics_cosine", "loss_range", "grad_change", "beta")
+    per_batch = []
+    for j in range(cfg["probe_batches"]):
+        idx = batches[(i + j) % len(batches)]
+        x, y = x_train[idx], y_train[idx]
+        with frozen_buffers(model), held_noise(model):
+            model(x)  # draw this batch's noise once; every probe pass reuses it
+            per_batch.append(ics(model, x, y, cfg["lr"])
+                             + smoothness(model, x, y, cfg["lr"], cfg["step_multiples"]))
+    return {k: torch.stack(vs).mean(0) for k, vs in zip(keys, zip(*per_batch))}
 
 
 def train_variant(norm, data, cfg, device, seed, show):
@@ -112,14 +136,8 @@ def train_variant(norm, data, cfg, device, seed, show):
         idx = batches[step - 1]
         x, y = x_train[idx], y_train[idx]
         if step % cfg["probe_every"] == 0:
-            with frozen_buffers(model), held_noise(model):
-                model(x)  # draw this step's noise once; every probe pass reuses it
-                for key, v in zip(("ics_l2", "ics_relative", "ics_cosine"),
-                                  ics(model, x, y, cfg["lr"])):
-                    probes[key].append(v)
-                for key, v in zip(("loss_range", "grad_change", "beta"),
-                                  smoothness(model, x, y, cfg["lr"], cfg["step_multiples"])):
-                    probes[key].append(v)
+            for key, v in probe(model, x_train, y_train, batches, step - 1, cfg).items():
+                probes[key].append(v)
         opt.zero_grad(set_to_none=True)
         logits, preacts = model(x, keep_preacts=True)
         loss = torch.nn.functional.cross_entropy(logits, y)
@@ -175,7 +193,7 @@ def figures(results):
                    "last hidden layer: mean")
     plotting.label(axes[2], "training step", "batch std of one unit's input",
                    "last hidden layer: std")
-    fig.suptitle(tag, y=1.03)
+    fig.suptitle(tag)
     first = fig
     fig, axes = plotting.subplots(1, 3, figsize=(13, 3.6))
     for norm in VARIANTS:
@@ -191,7 +209,7 @@ def figures(results):
     plotting.label(axes[1], "training step", "cos(G, G') (layer mean)", "ICS: cosine")
     plotting.label(axes[2], "training step", "effective beta (1/step length)",
                    "gradient change per unit move")
-    fig.suptitle(tag, y=1.03)
+    fig.suptitle(tag)
     return first, fig
 
 
