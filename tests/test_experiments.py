@@ -244,3 +244,15 @@ def test_probe_averages_single_batch_probes_and_leaves_the_model_alone():
         assert torch.allclose(avg[key], (singles[0][n] + singles[1][n]) / 2), key
     assert not torch.allclose(singles[0][0], singles[1][0])  # two different batches
     assert avg["ics_cosine"].shape == (2,)
+
+
+def test_init_std_gives_every_architecture_the_same_weights():
+    nets = {}
+    for norm in (None, "bn", "noisy_bn"):
+        torch.manual_seed(3)
+        nets[norm] = mlp(6, [5, 4], 3, norm=norm, init_std=0.1)
+    for norm in ("bn", "noisy_bn"):
+        for a, b in zip(nets[None].linears(), nets[norm].linears()):
+            assert torch.equal(a.weight, b.weight)
+    torch.manual_seed(4)
+    assert not torch.equal(mlp(6, [5, 4], 3, init_std=0.1).out.weight, nets[None].out.weight)

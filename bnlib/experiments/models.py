@@ -72,9 +72,10 @@ class MLP(nn.Module):
     """Linear -> [BN | noisy BN] -> activation, per hidden layer; then a linear read-out.
 
     Weights: PyTorch's default init; or, with init_std, N(0, init_std^2) for every Linear once
-    all are built (biases zero); or, with he_scale, each Linear right after it is built gets
+    all are built (biases zero), the same numbers for every architecture of the same widths
+    under the same global seed; or, with he_scale, each Linear right after it is built gets
     N(0, (he_scale * gain)^2 / fan_in), gain sqrt(2) for ReLU and 1 otherwise (the read-out
-    gain 1; biases zero). The two orders draw different random numbers: both are kept.
+    gain 1; biases zero), drawn from the global generator.
     """
 
     def __init__(self, in_features, widths, out_features, activation="sigmoid", norm=None,
@@ -92,6 +93,11 @@ class MLP(nn.Module):
             raise ValueError(f"he_scale must be positive or None, got {he_scale!r}")
         if init_std is not None and he_scale is not None:
             raise ValueError("give init_std or he_scale, not both")
+        # init_std weights come from their own generator, seeded by the first draw from the global
+        # one: networks built from the same global seed get the same weights whatever their
+        # architecture draws on the way (a Linear with a bias draws more than one without).
+        init_gen = (torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+                    if init_std is not None else None)
         self.activation, self.norm = activation, norm
         self.act = ACTIVATIONS[activation]
         gain = math.sqrt(2.0) if activation == "relu" else 1.0
@@ -113,7 +119,7 @@ class MLP(nn.Module):
             _normal_init(self.out, he_scale / math.sqrt(prev))
         if init_std is not None:
             for lin in self.linears():
-                _normal_init(lin, init_std)
+                _normal_init(lin, init_std, init_gen)
 
     def linears(self):
         """The Linear layers, input to output."""
@@ -134,8 +140,8 @@ class MLP(nn.Module):
         return (logits, preacts) if keep_preacts else logits
 
 
-def _normal_init(lin, std):
-    nn.init.normal_(lin.weight, 0.0, std)
+def _normal_init(lin, std, generator=None):
+    nn.init.normal_(lin.weight, 0.0, std, generator=generator)
     if lin.bias is not None:
         nn.init.zeros_(lin.bias)
 

@@ -195,20 +195,25 @@ def figures(results):
                    "last hidden layer: std")
     fig.suptitle(tag)
     first = fig
-    fig, axes = plotting.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plotting.subplots(2, 2, figsize=(11, 7))
+    axes = axes.ravel()
     for norm in VARIANTS:
         c, r = plotting.COLORS[norm], m[norm]
         cos = [sum(v) / len(v) for v in r["ics_cosine"]]
         rel = [sum(v) / len(v) for v in r["ics_relative"]]
-        axes[0].plot(m["probe_steps"], rel, "o-", color=c, label=NAMES[norm])
-        axes[1].plot(m["probe_steps"], cos, "o-", color=c, label=NAMES[norm])
-        axes[2].semilogy(m["probe_steps"], r["beta"], "o-", color=c, label=NAMES[norm])
-    axes[0].legend()
-    plotting.label(axes[0], "training step", "||G - G'|| / ||G|| (layer mean)",
-                   "ICS: relative l2 change")
-    plotting.label(axes[1], "training step", "cos(G, G') (layer mean)", "ICS: cosine")
-    plotting.label(axes[2], "training step", "effective beta (1/step length)",
-                   "gradient change per unit move")
+        axes[0].plot(m["probe_steps"], rel, "o-", color=c, ms=3, label=NAMES[norm])
+        axes[1].plot(m["probe_steps"], cos, "o-", color=c, ms=3)
+        axes[2].plot(m["probe_steps"], r["loss_range"], "o-", color=c, ms=3)
+        axes[3].plot(m["probe_steps"], r["beta"], "o-", color=c, ms=3)
+    fig.legend(loc="outside lower center", ncols=len(VARIANTS))
+    plotting.label(axes[0], "training step", "||G - G'|| / ||G|| (mean over layers)",
+                   "ICS: relative l2 change of the gradient")
+    plotting.label(axes[1], "training step", "cos(G, G') (mean over layers)",
+                   "ICS: cosine of the gradient change")
+    plotting.label(axes[2], "training step", "max - min loss along the gradient",
+                   "loss range along the gradient")
+    plotting.label(axes[3], "training step", "||g(w - eta g) - g|| / ||eta g|| (max over eta)",
+                   "effective smoothness along the gradient")
     fig.suptitle(tag)
     return first, fig
 
