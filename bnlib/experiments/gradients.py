@@ -181,8 +181,14 @@ def plot(results, out_dir):
         fig, ax = plotting.subplots()
         for bn in (True, False):
             rows = [r for r in m[key] if r["bn"] == bn]
+            color = plotting.COLORS["bn" if bn else "no_bn"]
             ax.semilogx([r[xkey] for r in rows], [100 * r["test_accuracy"] for r in rows], "o-",
-                        color=plotting.COLORS["bn" if bn else "no_bn"], label="BN" if bn else "no BN")
+                        color=color, label="BN" if bn else "no BN")
+            gone = [r[xkey] for r in rows if r["diverged"]]
+            if gone:  # drawn at 0 %: a diverged run has no accuracy
+                ax.semilogx(gone, [0] * len(gone), "X", color=color, ms=11, ls="none",
+                            label=f"{'BN' if bn else 'no BN'}: diverged (loss not finite)")
+        ax.axhline(10, color=plotting.COLORS["reference"], ls=":", lw=1, label="chance (10 classes)")
         ax.legend()
         plotting.label(ax, xlabel, "test accuracy (%)", f"{xlabel} sweep, depth {cfg['sweep_depth']} ({tag})")
         paths.append(plotting.save(fig, out_dir / f"gradients-{fname}_sweep.png"))
@@ -191,12 +197,13 @@ def plot(results, out_dir):
     sc = [r["scale"] for r in e["rescale"]]
     a1.loglog(sc, [r["grad_norm"] for r in e["rescale"]], "o-", label="gradient norm")
     a1.loglog(sc, [r["relative_step"] for r in e["rescale"]], "s-", label="relative SGD step ||lr g|| / ||W||")
-    a1.loglog(sc, [r["angle"] for r in e["rescale"]], "^:", label="angle of that step (rad)")
+    a1.loglog(sc, [r["angle"] for r in e["rescale"]], "o:", mfc="none", ms=11,
+              label="angle of that step (rad)")
     ticks_at(a1, sc)
     a1.legend(loc="lower left")  # every curve falls to the right: that corner stays empty
-    plotting.label(a1, "weight scale c", "norm, ratio (dimensionless) or angle (rad)", "Rescaling one BN layer's weights")
-    a2.plot(e["weight_norms"], color=plotting.COLORS["bn"])
-    plotting.label(a2, "SGD step", "Frobenius norm of W_2 (dimensionless)", f"Weight norm grows ({tag})")
+    plotting.label(a1, "weight scale c", "value (units in the legend)", "Rescaling one BN layer's weights")
+    a2.plot(np.array(e["weight_norms"]) / e["weight_norms"][0], color=plotting.COLORS["bn"])
+    plotting.label(a2, "SGD step", "||W_2|| / ||W_2|| at step 0", f"Weight norm grows ({tag})")
     paths.append(plotting.save(fig, out_dir / "gradients-effective_lr.png"))
     plt.close("all")
     return paths
