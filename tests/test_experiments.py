@@ -10,7 +10,7 @@ import torch
 from bnlib.experiments import EXPERIMENTS, load_results, run_experiment
 from bnlib.experiments.__main__ import main
 from bnlib.experiments.common import cpu_threads
-from bnlib.experiments.covariate_shift import relative_drift
+from bnlib.experiments.covariate_shift import band_width, relative_drift
 from bnlib.experiments.metrics import gradient_change, percentiles, steps_to_reach
 from bnlib.experiments.models import NoisyBatchNorm1d, held_noise, mlp
 from bnlib.experiments.noisy_bn import ics, layer_params, probe, smoothness
@@ -122,6 +122,9 @@ def test_relative_drift_hand_checked():
                         [[0.0, -1.0], [2.0, 0.0], [4.0, 0.0]],
                         [[-1.0, -1.0], [1.0, 0.0], [3.0, 0.0]]])
     assert relative_drift(pct, start_fraction=0.0).tolist() == [0.5, 0.0]
+    assert band_width(pct, start_fraction=0.0).tolist() == [4.0, 1.0]
+    # start_fraction 0.5 keeps the last two records; unit 0's median still moves 2 -> 1 there.
+    assert relative_drift(pct, start_fraction=0.5).tolist() == [0.25, 0.0]
 
 
 def test_batch_indices_are_epochs_of_permutations():

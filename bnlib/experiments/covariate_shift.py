@@ -3,6 +3,7 @@ last-hidden-layer sigmoid input's 15th/50th/85th percentiles over training."""
 from pathlib import Path
 
 import torch
+from matplotlib.lines import Line2D
 
 from bnlib import plotting
 from bnlib.experiments.common import load_dataset
@@ -15,6 +16,7 @@ DESCRIPTION = "paper Figure 1: 3x100 sigmoid MLP with/without BN, accuracy and s
 DATASET = "MNIST-1D (generated locally by mnist1d)"
 VARIANTS = ("no_bn", "bn")
 QS = (15, 50, 85)
+STYLES = (":", "-", "--")  # line style of each percentile in the figure
 
 # lr 1.0: plain SGD fast enough that the quick profile shows both curves take off.
 _COMMON = {"dataset": "mnist1d", "widths": [100, 100, 100], "batch_size": 60, "lr": 1.0,
@@ -57,12 +59,15 @@ def train_variant(norm, data, cfg, device, seed, show):
     bar.close()
     pct = torch.stack(pct)  # (records, 3, units)
     drift = relative_drift(pct)
+    width = band_width(pct)
     acc = stack_list(acc)
     return {"test_accuracy": acc, "percentiles": pct[:, :, cfg["unit"]].cpu().tolist(),
             "final_accuracy": acc[-1],
             "steps_to_target": steps_to_reach(steps, acc, cfg["target_accuracy"]),
             "relative_drift_unit": drift[cfg["unit"]].item(),
-            "relative_drift_median": drift.median().item()}, steps
+            "relative_drift_median": drift.median().item(),
+            "band_width_unit": width[cfg["unit"]].item(),
+            "band_width_median": width.median().item()}, steps
 
 
 def relative_drift(pct, start_fraction=0.1):
@@ -71,8 +76,14 @@ def relative_drift(pct, start_fraction=0.1):
     85th-15th percentile width. pct: (records, 3, units) -> (units,)."""
     late = pct[int(start_fraction * len(pct)):]
     median = late[:, 1]
-    width = (late[:, 2] - late[:, 0]).mean(0)
-    return (median.max(0).values - median.min(0).values) / width
+    return (median.max(0).values - median.min(0).values) / band_width(pct, start_fraction)
+
+
+def band_width(pct, start_fraction=0.1):
+    """Each unit's mean 85th-15th percentile width once the first start_fraction of training
+    is over (the same records relative_drift divides by). pct: (records, 3, units) -> (units,)."""
+    late = pct[int(start_fraction * len(pct)):]
+    return (late[:, 2] - late[:, 0]).mean(0)
 
 
 def run(cfg, device, seed, progress=False):
@@ -87,17 +98,21 @@ def figure(results):
     """The paper's Figure 1 from results: (a) test accuracy, (b) percentiles without BN, (c) with."""
     m = results["metrics"]
     fig, axes = plotting.subplots(1, 3, figsize=(13, 3.6))
+    axes[2].sharey(axes[1])  # one scale for both bands, so that their widths compare by eye
     for norm, name in (("no_bn", "without BN"), ("bn", "with BN")):
         axes[0].plot(m["steps"], m[norm]["test_accuracy"], color=plotting.COLORS[norm], label=name)
     axes[0].legend()
     plotting.label(axes[0], "training step", "test accuracy (fraction)", "(a) test accuracy")
     for ax, (norm, name) in zip(axes[1:], (("no_bn", "without BN"), ("bn", "with BN"))):
         pct = list(zip(*m[norm]["percentiles"]))
-        for q, series, style in zip(m["percentiles_q"], pct, (":", "-", "--")):
-            ax.plot(m["steps"], series, style, color=plotting.COLORS[norm], label=f"{q}th percentile")
-        ax.legend()
+        for q, series, style in zip(m["percentiles_q"], pct, STYLES):
+            ax.plot(m["steps"], series, style, color=plotting.COLORS[norm])
         plotting.label(ax, "training step", "sigmoid input (pre-activation)",
                        f"({'b' if norm == 'no_bn' else 'c'}) {name}")
+    # One legend for the line styles of (b) and (c), below the panels, where it hides no curve.
+    fig.legend(handles=[Line2D([], [], ls=style, color="black", label=f"{q}th percentile")
+                        for q, style in zip(m["percentiles_q"], STYLES)],
+               loc="outside lower center", ncols=len(STYLES))
     fig.suptitle(f"{results['profile']} profile, {results['device_name']}")
     return fig
 
