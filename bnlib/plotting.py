@@ -63,3 +63,11 @@ def save(fig, path):
     with plt.rc_context(STYLE):  # the style's savefig settings, also outside a chapter
         fig.savefig(path, format="png", metadata={"Software": None})
     return path
+
+
+def ticks_at(ax, values):
+    """Put log-axis x ticks at the given values, labelled plainly, with no minor tick labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(values))))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())

@@ -9,7 +9,6 @@ from bnlib import plotting
 from bnlib.experiments.common import cpu_threads, load_dataset
 from bnlib.experiments.models import hidden_linears, mlp
 from bnlib.experiments.train import accuracy, train
-from bnlib.experiments.variance_correction import ticks_at
 
 NAME = "gradients"
 DESCRIPTION = "gradient norms vs depth with/without BN (Yang et al.), lr x5/x30 and init-scale sweeps"
@@ -199,7 +198,7 @@ def plot(results, out_dir):
     a1.loglog(sc, [r["relative_step"] for r in e["rescale"]], "s-", label="relative SGD step ||lr g|| / ||W||")
     a1.loglog(sc, [r["angle"] for r in e["rescale"]], "o:", mfc="none", ms=11,
               label="angle of that step (rad)")
-    ticks_at(a1, sc)
+    plotting.ticks_at(a1, sc)
     a1.legend(loc="lower left")  # every curve falls to the right: that corner stays empty
     plotting.label(a1, "weight scale c", "value (units in the legend)", "Rescaling one BN layer's weights")
     a2.plot(np.array(e["weight_norms"]) / e["weight_norms"][0], color=plotting.COLORS["bn"])

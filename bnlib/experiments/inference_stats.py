@@ -277,7 +277,7 @@ def plot(results, out_dir):
     ax.axvline(cfg["lr_change_step"], color=plotting.COLORS["reference"], ls="--",
                label=f"lr x{cfg['lr_change_factor']:g}")
     ax.set_yscale("log")
-    ax.legend()
+    fig.legend(loc="outside right center")  # beside the axes: inside, it hides the curves' ends
     plotting.label(ax, "training step", "stored vs current statistics (relative error)",
                    f"Running statistics lag the weights ({tag})")
     paths.append(plotting.save(fig, out_dir / "inference_stats-estimators.png"))
@@ -288,6 +288,7 @@ def plot(results, out_dir):
     plotting.label(a1, "batch size m", "train vs eval output gap (relative)", "Output gap")
     a2.semilogx(bs, [100 * r["acc_train_mode"] for r in rows], "o-", label="train mode (batch stats)")
     a2.semilogx(bs, [100 * r["acc_eval_mode"] for r in rows], "s-", label="eval mode (running stats)")
+    plotting.ticks_at(a1, bs), plotting.ticks_at(a2, bs)  # a tick at every batch size tested
     a2.legend()
     plotting.label(a2, "batch size m", "test accuracy (%)", f"Accuracy ({tag})")
     paths.append(plotting.save(fig, out_dir / "inference_stats-batch_size.png"))

@@ -159,14 +159,6 @@ def run(cfg, device, seed, progress):
                 "trained": _trained(cfg, data, device, seed, progress)}
 
 
-def ticks_at(ax, values):
-    """Put log-axis x ticks at the given values, labelled plainly, with no minor tick labels."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
-    ax.xaxis.set_major_locator(FixedLocator(sorted(set(values))))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
 def plot(results, out_dir):
     """Two figures: the estimator's distribution vs m; eval-mode second moments and accuracy."""
     import matplotlib.pyplot as plt
@@ -182,8 +174,8 @@ def plot(results, out_dir):
     ax.semilogx(ms, [(k - 1) / k for k in ms], "-", color=plotting.COLORS["reference"], label="(m-1)/m")
     lo, hi = [r["quantiles"][0] for r in sim], [r["quantiles"][2] for r in sim]
     ax.fill_between(ms, lo, hi, alpha=0.2, color=plotting.COLORS["bn"], label="biased, 5-95 %")
-    ticks_at(ax, ms)
-    ax.legend()
+    plotting.ticks_at(ax, ms)
+    fig.legend(loc="outside right center")  # beside the axes: inside, it covers the band
     plotting.label(ax, "batch size m", "estimate / true variance", f"Batch variance estimator ({tag})")
     paths.append(plotting.save(fig, out_dir / "variance_correction-simulation.png"))
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
@@ -192,10 +184,12 @@ def plot(results, out_dir):
     for name, color in (("unbiased", plotting.COLORS["bn"]), ("biased", plotting.COLORS["no_bn"])):
         a1.semilogx(bs, [r[f"second_moment_{name}"][0] for r in tr], "o-", color=color, label=name)
         a2.semilogx(bs, [100 * r[f"acc_{name}"] for r in tr], "o-", color=color, label=name)
-    ticks_at(a1, bs), ticks_at(a2, bs)
-    a1.axhline(1.0, color=plotting.COLORS["reference"], ls="--")
+    plotting.ticks_at(a1, bs), plotting.ticks_at(a2, bs)
+    a1.axhline(1.0, color=plotting.COLORS["reference"], ls="--", lw=2.5, zorder=0,
+               label="1 (every training batch)")
     a1.legend(), a2.legend()
-    plotting.label(a1, "training batch size m", "eval-mode mean x_hat^2, layer 1", "Second moment")
+    plotting.label(a1, "training batch size m", r"eval-mode mean of $\hat{x}^2$, layer 1",
+                   "Second moment")
     plotting.label(a2, "training batch size m", "test accuracy (%)", f"Accuracy ({tag})")
     paths.append(plotting.save(fig, out_dir / "variance_correction-trained.png"))
     plt.close("all")
