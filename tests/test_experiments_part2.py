@@ -184,8 +184,8 @@ def test_yang_factor_constant():
 
 TINY = {
     "inference_stats": dict(width=8, depth=2, steps=20, lr_change_step=10, eval_every=5,
-                            batch_sizes=[2, 8], sweep_steps=5, deep_depth=3, deep_steps=5,
-                            deep_eval_batch=4),
+                            batch_size=8, batch_sizes=[2, 8], sweep_steps=5, deep_depth=3,
+                            deep_steps=5, deep_eval_batch=4),
     "variance_correction": dict(sim_batch_sizes=[2, 4], sim_trials=100, batch_sizes=[2, 4],
                                 width=8, depth=2, steps=5),
     "gradients": dict(init_depth=6, init_width=16, init_batch=16, init_seeds=1, fit_skip=1,
@@ -259,3 +259,20 @@ def test_he_init_draws_each_layer_right_after_building_it():
         expected.append(lin.weight)
     for lin, w in zip(model.linears(), expected):
         assert torch.equal(lin.weight, w)
+
+
+def test_fixed_network_sweep_reuses_the_batch_size_network_and_needs_it():
+    from bnlib.experiments import run_experiment
+    res = run_experiment("inference_stats", profile="quick", device="cpu", seed=0,
+                         **TINY["inference_stats"])
+    m = res["metrics"]
+    fixed = {r["batch_size"]: r for r in m["fixed_network_sweep"]}
+    trained = {r["batch_size"]: r for r in m["batch_size_sweep"]}
+    assert sorted(fixed) == [2, 8]
+    # At m = batch_size the fixed network is the network trained at that m, evaluated alike.
+    assert fixed[8]["gap"] == trained[8]["gap"]
+    assert fixed[8]["disagreement"] == trained[8]["disagreement"]
+    with pytest.raises(ValueError, match="batch_size"):
+        run_experiment("inference_stats", profile="quick", device="cpu", seed=0,
+                       **{**TINY["inference_stats"], "batch_size": 4})
+

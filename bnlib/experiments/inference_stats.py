@@ -184,35 +184,51 @@ def _estimators(cfg, data, device, seed, progress):
             "torch_layer_check": final, "lag_theory": {f"ema {p:g}": ema_lag(p) for p in cfg["momenta"]}}
 
 
+def _mode_gap(model, x_te, y_te, b, seed):
+    """Train-mode vs eval-mode outputs of model on the test set cut into batches of b (the
+    remainder that does not fill a batch is left out): relative gap, both accuracies, and the
+    fraction of examples whose predicted class differs. Running statistics are left unchanged."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    perm = torch.randperm(len(x_te), generator=gen).to(x_te.device)
+    z_train, z_eval, ys = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(x_te) - b + 1, b):
+            idx = perm[i:i + b]
+            model.eval()
+            z_eval.append(model(x_te[idx]))
+            saved = [(l.running_mean.clone(), l.running_var.clone()) for l in bn_layers(model)]
+            model.train()
+            z_train.append(model(x_te[idx]))
+            for l, (rm, rv) in zip(bn_layers(model), saved):
+                l.running_mean.copy_(rm), l.running_var.copy_(rv)
+            ys.append(y_te[idx])
+    zt, ze, ys = torch.cat(z_train), torch.cat(z_eval), torch.cat(ys)
+    return {"batch_size": b, "gap": relative_gap(zt, ze),
+            "acc_train_mode": (zt.argmax(1) == ys).float().mean().item(),
+            "acc_eval_mode": (ze.argmax(1) == ys).float().mean().item(),
+            "disagreement": (zt.argmax(1) != ze.argmax(1)).float().mean().item()}
+
+
 def _batch_size_sweep(cfg, data, device, seed, progress):
+    """Two sweeps over the batch size m. Trained at m: one network per m, each trained with
+    batches of m for the same number of steps and evaluated in batches of m. Fixed network: the
+    one trained at cfg["batch_size"], evaluated in batches of every m (the statistics' noise
+    alone, without the small-m networks' undertraining)."""
     x_tr, y_tr, x_te, y_te = data
-    rows = []
+    rows, fixed = [], None
     for b in cfg["batch_sizes"]:
         torch.manual_seed(seed)
         model = mlp(x_tr.shape[1], [cfg["width"]] * cfg["depth"], 10,
                     "relu", "bn", he_scale=1.0).to(device)
         losses = train(model, x_tr, y_tr, cfg["sweep_steps"], b, cfg["lr"], seed=seed, show=progress)
-        gen = torch.Generator().manual_seed(seed + 1)
-        perm = torch.randperm(len(x_te), generator=gen).to(x_te.device)
-        z_train, z_eval, ys = [], [], []
-        with torch.no_grad():
-            for i in range(0, len(x_te) - b + 1, b):
-                idx = perm[i:i + b]
-                model.eval()
-                z_eval.append(model(x_te[idx]))
-                saved = [(l.running_mean.clone(), l.running_var.clone()) for l in bn_layers(model)]
-                model.train()
-                z_train.append(model(x_te[idx]))
-                for l, (rm, rv) in zip(bn_layers(model), saved):
-                    l.running_mean.copy_(rm), l.running_var.copy_(rv)
-                ys.append(y_te[idx])
-        zt, ze, ys = torch.cat(z_train), torch.cat(z_eval), torch.cat(ys)
-        rows.append({"batch_size": b, "gap": relative_gap(zt, ze),
-                     "acc_train_mode": (zt.argmax(1) == ys).float().mean().item(),
-                     "acc_eval_mode": (ze.argmax(1) == ys).float().mean().item(),
-                     "disagreement": (zt.argmax(1) != ze.argmax(1)).float().mean().item(),
+        rows.append({**_mode_gap(model, x_te, y_te, b, seed),
                      "final_loss": float(np.mean(losses[-20:]))})
-    return rows
+        if b == cfg["batch_size"]:
+            fixed = model
+    if fixed is None:
+        raise ValueError(f"batch_sizes must include batch_size ({cfg['batch_size']}) for the "
+                         f"fixed-network sweep, got {cfg['batch_sizes']}")
+    return rows, [_mode_gap(fixed, x_te, y_te, b, seed) for b in cfg["batch_sizes"]]
 
 
 def forward_both(model, x):
@@ -259,8 +275,9 @@ def run(cfg, device, seed, progress):
     """All three parts on one dataset."""
     data = load_dataset(cfg["dataset"], seed=seed, device=device)
     with cpu_threads("cpu", threads=1):  # one torch CPU thread, whatever the device
-        return {"estimators": _estimators(cfg, data, device, seed, progress),
-                "batch_size_sweep": _batch_size_sweep(cfg, data, device, seed, progress),
+        estimators = _estimators(cfg, data, device, seed, progress)
+        sweep, fixed = _batch_size_sweep(cfg, data, device, seed, progress)
+        return {"estimators": estimators, "batch_size_sweep": sweep, "fixed_network_sweep": fixed,
                 "depth": _depth(cfg, data, device, seed, progress)}
 
 
@@ -284,8 +301,14 @@ def plot(results, out_dir):
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     rows = m["batch_size_sweep"]
     bs = [r["batch_size"] for r in rows]
-    a1.loglog(bs, [r["gap"] for r in rows], "o-", color=plotting.COLORS["bn"])
-    plotting.label(a1, "batch size m", "train vs eval output gap (relative)", "Output gap")
+    a1.loglog(bs, [r["gap"] for r in rows], "o-", color=plotting.COLORS["bn"],
+              label="trained at m (one network per m)")
+    if "fixed_network_sweep" in m:  # runs recorded before it was added lack it
+        fixed = m["fixed_network_sweep"]
+        a1.loglog([r["batch_size"] for r in fixed], [r["gap"] for r in fixed], "s--",
+                  color=plotting.PALETTE[4], label=f"one network trained at m = {cfg['batch_size']}")
+    a1.legend()
+    plotting.label(a1, "batch size m (evaluation)", "train vs eval output gap (relative)", "Output gap")
     a2.semilogx(bs, [100 * r["acc_train_mode"] for r in rows], "o-", label="train mode (batch stats)")
     a2.semilogx(bs, [100 * r["acc_eval_mode"] for r in rows], "s-", label="eval mode (running stats)")
     plotting.ticks_at(a1, bs), plotting.ticks_at(a2, bs)  # a tick at every batch size tested
