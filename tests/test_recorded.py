@@ -55,3 +55,31 @@ def test_none_when_neither_has_it(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     assert common.recorded_file("bench/results/cuda.json", start=tmp_path) is None
     assert not (tmp_path / "home" / ".cache" / "bnlib" / "bench" / "results" / "cuda.json").exists()
+
+
+def test_recorded_runs_list_their_figures_by_relative_paths_that_exist_and_name_the_profile():
+    import json
+    runs = sorted((ROOT / "book" / "results").glob("*-full.json"))
+    assert len(runs) == 5  # one recorded full run per experiment chapter
+    for path in runs:
+        run = json.loads(path.read_text())
+        assert run["json_path"] == f"book/results/{path.name}"
+        assert run["figures"], path.name
+        for fig in run["figures"]:
+            # Relative to the repository, present, and named after the profile, so that a quick
+            # run written to the same folder cannot overwrite a recorded full run's figure.
+            assert not Path(fig).is_absolute() and (ROOT / fig).is_file(), fig
+            assert Path(fig).name.startswith(f"{run['experiment']}-{run['profile']}"), fig
+
+
+def test_quick_and_full_figures_have_different_names(tmp_path):
+    import importlib
+    import json
+
+    from bnlib.experiments import EXPERIMENTS
+    for name, module_name in EXPERIMENTS.items():
+        run = json.loads((ROOT / "book" / "results" / f"{name}-full.json").read_text())
+        plot = importlib.import_module(module_name).plot
+        quick = plot({**run, "profile": "quick"}, tmp_path)
+        full = plot(run, tmp_path)
+        assert quick and full and not set(map(str, quick)) & set(map(str, full)), name

@@ -174,7 +174,7 @@ def plot(results, out_dir):
                 label="pi/(pi-1) per layer (wide limit, Yang et al.)")
     ax.legend()
     plotting.label(ax, "hidden layer", "squared gradient norm of W_l", f"Gradients at initialization ({tag})")
-    paths.append(plotting.save(fig, out_dir / "gradients-at_init.png"))
+    paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-at_init.png"))
     for key, xkey, xlabel, fname in (("lr_sweep", "lr", "learning rate", "lr"),
                                      ("init_sweep", "init_scale", "init scale (x He)", "init")):
         fig, ax = plotting.subplots()
@@ -190,7 +190,7 @@ def plot(results, out_dir):
         ax.axhline(10, color=plotting.COLORS["reference"], ls=":", lw=1, label="chance (10 classes)")
         ax.legend()
         plotting.label(ax, xlabel, "test accuracy (%)", f"{xlabel} sweep, depth {cfg['sweep_depth']} ({tag})")
-        paths.append(plotting.save(fig, out_dir / f"gradients-{fname}_sweep.png"))
+        paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-{fname}_sweep.png"))
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     e = m["effective_lr"]
     sc = [r["scale"] for r in e["rescale"]]
@@ -203,6 +203,6 @@ def plot(results, out_dir):
     plotting.label(a1, "weight scale c", "value (units in the legend)", "Rescaling one BN layer's weights")
     a2.plot(np.array(e["weight_norms"]) / e["weight_norms"][0], color=plotting.COLORS["bn"])
     plotting.label(a2, "SGD step", "||W_2|| / ||W_2|| at step 0", f"Weight norm grows ({tag})")
-    paths.append(plotting.save(fig, out_dir / "gradients-effective_lr.png"))
+    paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-effective_lr.png"))
     plt.close("all")
     return paths

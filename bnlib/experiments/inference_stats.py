@@ -297,7 +297,7 @@ def plot(results, out_dir):
     fig.legend(loc="outside right center")  # beside the axes: inside, it hides the curves' ends
     plotting.label(ax, "training step", "stored vs current statistics (relative error)",
                    f"Running statistics lag the weights ({tag})")
-    paths.append(plotting.save(fig, out_dir / "inference_stats-estimators.png"))
+    paths.append(plotting.save(fig, out_dir / f"inference_stats-{results['profile']}-estimators.png"))
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     rows = m["batch_size_sweep"]
     bs = [r["batch_size"] for r in rows]
@@ -314,7 +314,7 @@ def plot(results, out_dir):
     plotting.ticks_at(a1, bs), plotting.ticks_at(a2, bs)  # a tick at every batch size tested
     a2.legend()
     plotting.label(a2, "batch size m", "test accuracy (%)", f"Accuracy ({tag})")
-    paths.append(plotting.save(fig, out_dir / "inference_stats-batch_size.png"))
+    paths.append(plotting.save(fig, out_dir / f"inference_stats-{results['profile']}-batch_size.png"))
     fig, ax = plotting.subplots()
     d = m["depth"]
     ax.plot(d["layer"], d["compounded"], "o-", label="compounded (eval path from the input)")
@@ -322,7 +322,7 @@ def plot(results, out_dir):
     ax.legend()
     plotting.label(ax, "BN layer", "train vs eval gap after BN (relative)",
                    f"Mismatch through depth, batch {d['eval_batch']} ({tag})")
-    paths.append(plotting.save(fig, out_dir / "inference_stats-depth.png"))
+    paths.append(plotting.save(fig, out_dir / f"inference_stats-{results['profile']}-depth.png"))
     import matplotlib.pyplot as plt
     plt.close("all")
     return paths

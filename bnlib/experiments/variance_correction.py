@@ -177,7 +177,7 @@ def plot(results, out_dir):
     plotting.ticks_at(ax, ms)
     fig.legend(loc="outside right center")  # beside the axes: inside, it covers the band
     plotting.label(ax, "batch size m", "estimate / true variance", f"Batch variance estimator ({tag})")
-    paths.append(plotting.save(fig, out_dir / "variance_correction-simulation.png"))
+    paths.append(plotting.save(fig, out_dir / f"variance_correction-{results['profile']}-simulation.png"))
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     tr = m["trained"]
     bs = [r["m"] for r in tr]
@@ -191,6 +191,6 @@ def plot(results, out_dir):
     plotting.label(a1, "training batch size m", r"eval-mode mean of $\hat{x}^2$, layer 1",
                    "Second moment")
     plotting.label(a2, "training batch size m", "test accuracy (%)", f"Accuracy ({tag})")
-    paths.append(plotting.save(fig, out_dir / "variance_correction-trained.png"))
+    paths.append(plotting.save(fig, out_dir / f"variance_correction-{results['profile']}-trained.png"))
     plt.close("all")
     return paths
