@@ -5,7 +5,7 @@ import torch
 from bnlib import plotting, reference
 from bnlib.experiments.common import cpu_threads, load_dataset
 from bnlib.experiments.models import bn_layers, mlp
-from bnlib.experiments.train import accuracy, train
+from bnlib.experiments.train import accuracy, frozen_buffers, train
 
 NAME = "inference_stats"
 DESCRIPTION = "EMA vs cumulative vs PreciseBN statistics; train/eval gap vs batch size and depth"
@@ -60,20 +60,17 @@ def layer_batch_stats(model, x):
 
     The running statistics are left as they were.
     """
-    stats, layers = [], bn_layers(model)
-    saved = [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone()) for b in layers]
+    stats = []
     hooks = [b.register_forward_pre_hook(lambda mod, inp: stats.append(
         tuple(v.double().cpu().numpy() for v in reference_stats(inp[0]))))
-        for b in layers]
+        for b in bn_layers(model)]
     was_training = model.training
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), frozen_buffers(model):
         model(x)
     model.train(was_training)
     for h in hooks:
         h.remove()
-    for b, (rm, rv, n) in zip(layers, saved):
-        b.running_mean.copy_(rm), b.running_var.copy_(rv), b.num_batches_tracked.copy_(n)
     return stats
 
 
@@ -196,11 +193,9 @@ def _mode_gap(model, x_te, y_te, b, seed):
             idx = perm[i:i + b]
             model.eval()
             z_eval.append(model(x_te[idx]))
-            saved = [(l.running_mean.clone(), l.running_var.clone()) for l in bn_layers(model)]
             model.train()
-            z_train.append(model(x_te[idx]))
-            for l, (rm, rv) in zip(bn_layers(model), saved):
-                l.running_mean.copy_(rm), l.running_var.copy_(rv)
+            with frozen_buffers(model):  # so that the next eval pass sees the same statistics
+                z_train.append(model(x_te[idx]))
             ys.append(y_te[idx])
     zt, ze, ys = torch.cat(z_train), torch.cat(z_eval), torch.cat(ys)
     return {"batch_size": b, "gap": relative_gap(zt, ze),
@@ -214,6 +209,9 @@ def _batch_size_sweep(cfg, data, device, seed, progress):
     batches of m for the same number of steps and evaluated in batches of m. Fixed network: the
     one trained at cfg["batch_size"], evaluated in batches of every m (the statistics' noise
     alone, without the small-m networks' undertraining)."""
+    if cfg["batch_size"] not in cfg["batch_sizes"]:
+        raise ValueError(f"batch_sizes must include batch_size ({cfg['batch_size']}) for the "
+                         f"fixed-network sweep, got {cfg['batch_sizes']}")
     x_tr, y_tr, x_te, y_te = data
     rows, fixed = [], None
     for b in cfg["batch_sizes"]:
@@ -225,9 +223,6 @@ def _batch_size_sweep(cfg, data, device, seed, progress):
                      "final_loss": float(np.mean(losses[-20:]))})
         if b == cfg["batch_size"]:
             fixed = model
-    if fixed is None:
-        raise ValueError(f"batch_sizes must include batch_size ({cfg['batch_size']}) for the "
-                         f"fixed-network sweep, got {cfg['batch_sizes']}")
     return rows, [_mode_gap(fixed, x_te, y_te, b, seed) for b in cfg["batch_sizes"]]
 
 
