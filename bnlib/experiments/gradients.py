@@ -177,7 +177,7 @@ def plot(results, out_dir):
     paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-at_init.png"))
     for key, xkey, xlabel, fname in (("lr_sweep", "lr", "learning rate", "lr"),
                                      ("init_sweep", "init_scale", "init scale (x He)", "init")):
-        fig, ax = plotting.subplots()
+        fig, ax = plotting.subplots(figsize=(8.6, 4.0))  # room for the legend beside the axes
         for bn in (True, False):
             rows = [r for r in m[key] if r["bn"] == bn]
             color = plotting.COLORS["bn" if bn else "no_bn"]
@@ -188,7 +188,7 @@ def plot(results, out_dir):
                 ax.semilogx(gone, [0] * len(gone), "X", color=color, ms=11, ls="none",
                             label=f"{'BN' if bn else 'no BN'}: diverged (loss not finite)")
         ax.axhline(10, color=plotting.COLORS["reference"], ls=":", lw=1, label="chance (10 classes)")
-        ax.legend()
+        fig.legend(loc="outside right center")  # beside the axes: inside, a falling curve crosses it
         plotting.label(ax, xlabel, "test accuracy (%)", f"{xlabel} sweep, depth {cfg['sweep_depth']} ({tag})")
         paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-{fname}_sweep.png"))
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
