@@ -8,6 +8,7 @@ kernel does. float16/bfloat16 inputs have their statistics accumulated in float3
 """
 import torch
 
+from bnlib import _cpu_kernel
 from bnlib._checks import (check_batch_for_training, check_channel_param, check_eps,
                            check_input_shape, check_momentum, values_per_channel)
 
@@ -155,8 +156,10 @@ def _fast_path(x, *tensors):
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN: forward normalizes with batch statistics; backward is the compact form.
 
-    Both directions run with one full-size buffer each where the dtypes allow (float32/float64
-    input and parameters), else in the compute dtype via batch_stats/compact_backward.
+    Small float32/float64 CPU inputs go through the compiled kernel (bnlib._cpu_kernel: one call
+    per direction, same formulas). Otherwise both directions run with one full-size buffer each
+    where the dtypes allow (float32/float64 input and parameters), else in the compute dtype via
+    batch_stats/compact_backward.
     Only x, the weight and the per-channel mean and inverse std are saved; the running
     statistics, if given, are updated in place.
     Double backward is supported: under create_graph=True the backward recomputes the batch
@@ -166,6 +169,14 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
         nd = x.ndim
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.kernel = _cpu_kernel.usable(x, weight, bias, running_mean, running_var)
+        if ctx.kernel:  # the kernel updates the running statistics itself
+            y, mean, invstd = torch.ops.bnlib.forward(x, weight, bias, running_mean, running_var,
+                                                      momentum, eps)
+            ctx.save_for_backward(x, weight, mean, invstd)
+            return y
         if _fast_path(x, weight, bias):
             y, mean, var, invstd = _forward_inplace(x, weight, bias, eps)
         else:
@@ -180,8 +191,6 @@ class BatchNormFunction(torch.autograd.Function):
         if running_var is not None:
             running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -190,7 +199,11 @@ class BatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: keep the statistics' dependence on x
             mean, var = batch_stats(x)
             invstd = torch.rsqrt(var + ctx.eps)
-        if _fast_path(x, dy, weight):
+            grads = compact_backward(dy, x, weight, mean, invstd, ctx.needs_input_grad)
+        elif ctx.kernel:
+            grads = torch.ops.bnlib.backward(dy.to(x.dtype), x, weight, mean, invstd,
+                                             ctx.needs_input_grad[0])
+        elif _fast_path(x, dy, weight):
             grads = _compact_backward_inplace(dy, x, weight, mean, invstd, ctx.needs_input_grad)
         else:
             grads = compact_backward(dy, x, weight, mean, invstd, ctx.needs_input_grad)

@@ -1,0 +1,117 @@
+"""The compiled CPU kernel (bnlib/csrc/batch_norm_cpu.cpp), built with torch's C++ extension
+loader the first time it is needed on a machine (about 10 s with g++), then loaded from cache.
+
+It computes what bnlib.functional's composed path computes, in one call per direction instead
+of about thirty dispatched operators, which is what small inputs spend their time on. Where it
+cannot be built (no compiler), bnlib says so once with a warning and keeps the composed path.
+Set BNLIB_CPU_KERNEL=0 to never try.
+"""
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
+# The kernel is single-threaded; the composed path runs on all of torch's threads. Measured on a
+# 2-core machine (bench/, see the Performance chapter), the kernel is ahead of both torch's
+# native kernel and the composed path at 1024 x 1024 with one thread and level with native with
+# two, so with T threads it takes inputs up to 2^21 / T values (and always up to 2^16, where
+# threads cannot pay for themselves).
+MAX_NUMEL_ONE_THREAD = 1 << 21
+MIN_LIMIT = 1 << 16
+# Tests and the benchmark switch the kernel off to exercise or time the composed path.
+enabled = os.environ.get("BNLIB_CPU_KERNEL", "1") != "0"
+
+_status = {"loaded": False, "error": None}
+
+
+def _cpu_flags():
+    """The CPU's feature flags (Linux), so a build made for one CPU is never loaded on another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _compile_flags():
+    # -march=native (vector instructions this CPU has) only where the build directory is tied
+    # to this CPU's flags, i.e. on x86-64 Linux; elsewhere the compiler's portable default.
+    native = platform.machine() in ("x86_64", "AMD64") and _cpu_flags() != ""
+    return ["-O3", "-fopenmp-simd"] + (["-march=native"] if native else [])
+
+
+def build_directory():
+    """Per torch version, Python version and CPU, so an upgrade or another machine sharing the
+    cache rebuilds instead of loading a binary made for something else."""
+    root = os.environ.get("BNLIB_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bnlib")
+    cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:8]
+    tag = (f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}"
+           f"{sys.version_info[1]}-{platform.machine()}-{cpu}")
+    return os.path.join(root, tag)
+
+
+def load():
+    """Build (once per machine) and load the kernel; True when torch.ops.bnlib is ready."""
+    if _status["loaded"]:
+        return True
+    if _status["error"] is not None:
+        return False
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+        _ninja_on_path()
+        directory = build_directory()
+        os.makedirs(directory, exist_ok=True)
+        load_extension(name="bnlib_cpu", sources=[str(SOURCE)], build_directory=directory,
+                       extra_cflags=_compile_flags(), is_python_module=False,
+                       verbose=False)
+        _status["loaded"] = True
+    except Exception as err:  # no compiler, no ninja, a failed build: keep the composed path
+        _status["error"] = f"{type(err).__name__}: {err}"
+        warnings.warn("bnlib: could not build the compiled CPU kernel, so small CPU inputs use "
+                      f"the slower composed path ({_status['error'].splitlines()[0]}). "
+                      "Set BNLIB_CPU_KERNEL=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+    return _status["loaded"]
+
+
+def max_numel():
+    """Largest input (in values) the kernel takes at torch's current thread count."""
+    return max(MIN_LIMIT, MAX_NUMEL_ONE_THREAD // torch.get_num_threads())
+
+
+def _ninja_on_path():
+    """torch's loader runs `ninja` from PATH; the pip package's binary may not be on it (e.g. a
+    notebook kernel started without the environment's bin directory on PATH)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
+def status():
+    """'loaded', 'disabled', 'not built yet' or the build error, for reports."""
+    if not enabled:
+        return "disabled"
+    if _status["loaded"]:
+        return "loaded"
+    return _status["error"] or "not built yet"
+
+
+def usable(x, *params):
+    """True when x (and the per-channel tensors in params) can go through the kernel."""
+    if not (enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.numel() <= max_numel()):
+        return False
+    if not (x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        return False
+    if any(p is not None and (p.dtype != x.dtype or not p.is_contiguous()) for p in params):
+        return False
+    return load()

@@ -1,0 +1,280 @@
+// Training-mode Batch Normalization on the CPU for small inputs, one call per direction.
+//
+// The formulas of bnlib.functional's composed path (derived in the book's backward chapter):
+// forward: two-pass statistics (a first mean c0, then sums of d = x - c0 and d^2), then
+// y = d * scale + shift; backward: the two per-channel reductions sum(dy) and
+// sum(dy (x - mean)) in one sweep over (dy, x), then one elementwise pass for dx.
+//
+// Accuracy: values are centred on a per-channel c0 before anything is squared or summed, so a
+// large common offset neither cancels (no E[x^2] - E[x]^2) nor rounds the deviations; partial
+// sums run in the input's dtype over short blocks and are added up in double.
+// Like torch's kernel, it saves only the per-channel mean and inverse std, in the input's
+// dtype; the backward centres x on that saved mean.
+//
+// Composed from torch operators the same work takes about 30 dispatched calls, which is where
+// small inputs spend their time; here it is two. Single-threaded: bnlib.functional uses it only
+// up to a size threshold (bnlib/_cpu_kernel.py).
+//
+// x is (N, C, *) and dense in one of two layouts, seen as (outer, C, inner): channel-major
+// (torch.contiguous_format) with inner = prod(*), or channel-innermost (2D, or 4D
+// torch.channels_last) with outer = N * prod(*) and inner = 1.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+struct Layout {
+  int64_t outer, channels, inner;
+};
+
+Layout layout_of(const at::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
+  if (x.is_contiguous()) return {n, c, s};
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {n * s, c, 1};
+  TORCH_CHECK(false, "bnlib CPU kernel: input must be contiguous or channels-last, got strides ",
+              x.strides());
+}
+
+// Rows summed in the input's dtype before their partial sums are added into double.
+constexpr int64_t kBlock = 16;
+
+// Per channel: s1 += p and s2 += p * e, where e = b - center[c] and p = a (kHasA) or e.
+// Forward (no a, b = x): sum(d), sum(d^2). Backward (a = dy, b = x): sum(dy), sum(dy (x - c0)).
+template <typename scalar_t, bool kHasA>
+void centred_sums(const scalar_t* a, const scalar_t* b, const scalar_t* center, const Layout& L,
+                  double* s1, double* s2) {
+  const int64_t C = L.channels;
+  if (L.inner == 1) {
+    std::vector<scalar_t> t1(C), t2(C);
+    for (int64_t o0 = 0; o0 < L.outer; o0 += kBlock) {
+      std::fill(t1.begin(), t1.end(), scalar_t(0));
+      std::fill(t2.begin(), t2.end(), scalar_t(0));
+      scalar_t *p1 = t1.data(), *p2 = t2.data();
+      for (int64_t o = o0; o < std::min(o0 + kBlock, L.outer); ++o) {
+        const scalar_t* br = b + o * C;
+        const scalar_t* ar = kHasA ? a + o * C : br;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t e = br[c] - center[c];
+          const scalar_t p = kHasA ? ar[c] : e;
+          p1[c] += p;
+          p2[c] += p * e;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += p1[c];
+        s2[c] += p2[c];
+      }
+    }
+    return;
+  }
+  for (int64_t oc = 0; oc < L.outer * C; ++oc) {
+    const int64_t c = oc % C;
+    const scalar_t cc = center[c];
+    const scalar_t* br = b + oc * L.inner;
+    const scalar_t* ar = kHasA ? a + oc * L.inner : br;
+    scalar_t q1 = 0, q2 = 0;
+#pragma omp simd reduction(+ : q1, q2)
+    for (int64_t i = 0; i < L.inner; ++i) {
+      const scalar_t e = br[i] - cc;
+      const scalar_t p = kHasA ? ar[i] : e;
+      q1 += p;
+      q2 += p * e;
+    }
+    s1[c] += q1;
+    s2[c] += q2;
+  }
+}
+
+// out = p * u[c] + (b - center[c]) * v[c] + w[c], with p = a (kHasA) or absent.
+template <typename scalar_t, bool kHasA>
+void centred_affine(const scalar_t* a, const scalar_t* b, const scalar_t* center,
+                    const scalar_t* u, const scalar_t* v, const scalar_t* w, const Layout& L,
+                    scalar_t* out) {
+  const int64_t C = L.channels;
+  if (L.inner == 1) {
+    for (int64_t o = 0; o < L.outer; ++o) {
+      const scalar_t* br = b + o * C;
+      const scalar_t* ar = kHasA ? a + o * C : br;
+      scalar_t* outr = out + o * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c)
+        outr[c] = (kHasA ? ar[c] * u[c] : scalar_t(0)) + (br[c] - center[c]) * v[c] + w[c];
+    }
+    return;
+  }
+  for (int64_t oc = 0; oc < L.outer * C; ++oc) {
+    const int64_t c = oc % C;
+    const scalar_t cc = center[c], uc = u[c], vc = v[c], wc = w[c];
+    const scalar_t* br = b + oc * L.inner;
+    const scalar_t* ar = kHasA ? a + oc * L.inner : br;
+    scalar_t* outr = out + oc * L.inner;
+#pragma omp simd
+    for (int64_t i = 0; i < L.inner; ++i)
+      outr[i] = (kHasA ? ar[i] * uc : scalar_t(0)) + (br[i] - cc) * vc + wc;
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t && t->defined() ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
+  const Layout L = layout_of(x);
+  const int64_t C = L.channels;
+  const double m = static_cast<double>(L.outer * L.inner);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+
+  // First pass: a first mean c0 (its rounding is corrected below).
+  std::vector<scalar_t> zero(C, scalar_t(0)), c0(C);
+  std::vector<double> sum_x(C, 0.0), unused(C, 0.0);
+  centred_sums<scalar_t, true>(xp, xp, zero.data(), L, sum_x.data(), unused.data());
+  for (int64_t c = 0; c < C; ++c) c0[c] = static_cast<scalar_t>(sum_x[c] / m);
+  // Second pass: sum(d) and sum(d^2), d = x - c0; mean(d) is c0's error.
+  std::vector<double> sum_d(C, 0.0), sum_dd(C, 0.0);
+  centred_sums<scalar_t, false>(nullptr, xp, c0.data(), L, sum_d.data(), sum_dd.data());
+
+  auto opts = x.options();
+  at::Tensor save_mean = at::empty({C}, opts), save_invstd = at::empty({C}, opts);
+  scalar_t *smp = save_mean.mutable_data_ptr<scalar_t>(), *sip = save_invstd.mutable_data_ptr<scalar_t>();
+  const scalar_t *wp = data_or_null<scalar_t>(weight), *bp = data_or_null<scalar_t>(bias);
+  scalar_t* rmp = running_mean && running_mean->defined()
+                      ? running_mean->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* rvp = running_var && running_var->defined()
+                      ? running_var->mutable_data_ptr<scalar_t>() : nullptr;
+  std::vector<scalar_t> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double dmean = sum_d[c] / m;
+    const double mean = double(c0[c]) + dmean;
+    const double var = std::max(sum_dd[c] / m - dmean * dmean, 0.0);
+    const double invstd = 1.0 / std::sqrt(var + eps);
+    const double s = wp ? invstd * double(wp[c]) : invstd;
+    smp[c] = static_cast<scalar_t>(mean);
+    sip[c] = static_cast<scalar_t>(invstd);
+    scale[c] = static_cast<scalar_t>(s);
+    shift[c] = static_cast<scalar_t>((bp ? double(bp[c]) : 0.0) - dmean * s);  // y = s (d - mean(d)) + beta
+    // Running statistics, as torch.nn.functional.batch_norm updates them: the unbiased
+    // (m / (m - 1)) batch variance, r <- (1 - momentum) r + momentum * batch statistic.
+    if (rmp) rmp[c] = static_cast<scalar_t>((1 - momentum) * double(rmp[c]) + momentum * mean);
+    if (rvp) rvp[c] = static_cast<scalar_t>((1 - momentum) * double(rvp[c]) + momentum * var * m / (m - 1));
+  }
+
+  at::Tensor y = at::empty_like(x);
+  centred_affine<scalar_t, false>(nullptr, xp, c0.data(), nullptr, scale.data(), shift.data(), L,
+                                  y.mutable_data_ptr<scalar_t>());
+  return {y, save_mean, save_invstd};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& dy_in, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool need_dx) {
+  const Layout L = layout_of(x);
+  const int64_t C = L.channels;
+  const double m = static_cast<double>(L.outer * L.inner);
+  // dy in x's memory layout, so both are walked with the same offsets.
+  const at::Tensor dy = dy_in.strides() == x.strides() ? dy_in
+                                                       : dy_in.contiguous(x.suggest_memory_format());
+  const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t *mean = save_mean.const_data_ptr<scalar_t>(), *invstd = save_invstd.const_data_ptr<scalar_t>();
+  const scalar_t* wp = data_or_null<scalar_t>(weight);
+
+  // Both reductions in one sweep: sum(dy) and sum(dy (x - mean)).
+  std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
+  centred_sums<scalar_t, true>(dyp, xp, mean, L, sum_dy.data(), sum_dy_xmu.data());
+
+  auto opts = x.options();
+  at::Tensor dweight = at::empty({C}, opts), dbias = at::empty({C}, opts);
+  scalar_t *dwp = dweight.mutable_data_ptr<scalar_t>(), *dbp = dbias.mutable_data_ptr<scalar_t>();
+  // dx = g (dy - sum(dy)/m - x_hat sum(dy x_hat)/m), g = gamma invstd, written per channel
+  // as dx = g dy + k (x - mean) + b.
+  std::vector<scalar_t> g(C), k(C), b(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double is = double(invstd[c]);
+    dwp[c] = static_cast<scalar_t>(sum_dy_xmu[c] * is);  // dl/dgamma = sum(dy x_hat)
+    dbp[c] = static_cast<scalar_t>(sum_dy[c]);        // dl/dbeta = sum(dy)
+    const double gc = wp ? is * double(wp[c]) : is;
+    const double kc = -gc * is * is * sum_dy_xmu[c] / m;
+    g[c] = static_cast<scalar_t>(gc);
+    k[c] = static_cast<scalar_t>(kc);
+    b[c] = static_cast<scalar_t>(-gc * sum_dy[c] / m);
+  }
+  if (!need_dx) return {at::Tensor(), dweight, dbias};
+
+  at::Tensor dx = at::empty_like(x);
+  centred_affine<scalar_t, true>(dyp, xp, mean, g.data(), k.data(), b.data(), L,
+                                 dx.mutable_data_ptr<scalar_t>());
+  return {dx, dweight, dbias};
+}
+
+void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "bnlib CPU kernel: ", name, " must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "bnlib CPU kernel: ", name, " must be float32 or float64, got ", x.scalar_type());
+}
+
+void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name,
+                 at::ScalarType dtype) {
+  if (!t || !t->defined()) return;
+  TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu() && t->is_contiguous() &&
+                  t->dim() == 1 && t->size(0) == x.size(1),
+              "bnlib CPU kernel: ", name, " must be a contiguous CPU tensor of shape (",
+              x.size(1), ",) and dtype ", dtype, ", got ", t->sizes(), " ", t->scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
+  check_input(x, "input");
+  TORCH_CHECK(x.dim() >= 2 && x.size(1) > 0 && x.numel() > x.size(1),
+              "bnlib CPU kernel: input must be (N, C, *) with more than one value per channel, "
+              "got shape ", x.sizes());
+  check_param(weight, x, "weight", x.scalar_type());
+  check_param(bias, x, "bias", x.scalar_type());
+  check_param(running_mean, x, "running_mean", x.scalar_type());
+  check_param(running_var, x, "running_var", x.scalar_type());
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_forward", [&] {
+    return forward_impl<scalar_t>(x, weight, bias, running_mean, running_var, momentum, eps);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool need_dx) {
+  check_input(x, "input");
+  check_input(dy, "grad_output");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "bnlib CPU kernel: grad_output must have input's shape ", x.sizes(), " and dtype ",
+              x.scalar_type(), ", got ", dy.sizes(), " ", dy.scalar_type());
+  check_param(weight, x, "weight", x.scalar_type());
+  check_param(save_mean, x, "save_mean", x.scalar_type());
+  check_param(save_invstd, x, "save_invstd", x.scalar_type());
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_backward", [&] {
+    return backward_impl<scalar_t>(dy, x, weight, save_mean, save_invstd, need_dx);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnlib, m) {
+  m.def("forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor grad_output, Tensor x, Tensor? weight, Tensor save_mean, "
+        "Tensor save_invstd, bool need_dx) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnlib, CPU, m) {
+  m.impl("forward", forward);
+  m.impl("backward", backward);
+}
