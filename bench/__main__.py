@@ -14,6 +14,7 @@ from bench import report
 from bench.cases import cases
 from bench.run import MAX_SECONDS_PER_CASE, MIN_REPEATS, run_numpy_case, run_torch_case
 from bench.timing import MIN_SAMPLE_SECONDS, copy_bandwidth
+from bnlib import _cpu_kernel
 from bnlib import functional as BF
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,6 +111,8 @@ def main(argv=None):
         "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
         "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "note": args.note,
+        # bnlib's compiled CPU kernel: whether it was built, and the largest input it takes.
+        "cpu_kernel": {"status": _cpu_kernel.status(), "max_numel": _cpu_kernel.max_numel()},
     }
     print(report.table(records))
     print("\n".join(report.target_lines(targets)))

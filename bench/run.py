@@ -5,10 +5,19 @@ import torch.nn.functional as F
 
 from bench.cases import bytes_needed
 from bench.timing import saved_extra_bytes, time_calls
+from bnlib import _cpu_kernel
 from bnlib import functional as BF
 from bnlib import reference
 
-TORCH_IMPLS = {"native": F.batch_norm, "bnlib": BF.batch_norm}
+
+def composed_batch_norm(*args):
+    """bnlib.functional.batch_norm with the compiled CPU kernel switched off: the composed path."""
+    with _cpu_kernel.use(False):
+        return BF.batch_norm(*args)
+
+
+TORCH_IMPLS = {"native": F.batch_norm, "bnlib": BF.batch_norm,
+               "bnlib_composed": composed_batch_norm}
 # A case whose slowest function takes longer than this per call gets fewer repeats (>= 3).
 MAX_SECONDS_PER_CASE = 10.0
 MIN_REPEATS = 3
@@ -46,8 +55,13 @@ def _repeats_for(fns, repeats, device):
 
 
 def run_torch_case(case, device, repeats, warmup=1):
-    """Median forward and forward+backward times of each torch impl, side by side."""
+    """Median forward and forward+backward times of each torch impl, side by side.
+
+    Where bnlib runs a case through its compiled CPU kernel, the composed path is timed too
+    ("bnlib_composed"), so the kernel's effect is measured in the same run.
+    """
     x, dy, w, b, rm, rv = torch_inputs(case, device)
+    kernel = _cpu_kernel.usable(x, w, b, rm, rv)
 
     def step(fn, backward):
         def call():
@@ -57,7 +71,7 @@ def run_torch_case(case, device, repeats, warmup=1):
                 y.backward(dy)
         return call
 
-    names = list(TORCH_IMPLS)
+    names = ["native", "bnlib"] + (["bnlib_composed"] if kernel else [])
     fns = [step(TORCH_IMPLS[n], bw) for bw in (False, True) for n in names]
     reps = _repeats_for(fns, repeats, device)
     times = time_calls(fns, reps, warmup=warmup, device=device)
@@ -68,6 +82,8 @@ def run_torch_case(case, device, repeats, warmup=1):
         extra = saved_extra_bytes(lambda xx, ww, bb, m, v: TORCH_IMPLS[n](xx, m, v, ww, bb, True),
                                   leaves + [rm.clone(), rv.clone()])
         records.append(_record(case, device, "torch", n, pass_name, t, reps, extra))
+        if n == "bnlib":
+            records[-1]["path"] = "cpu kernel" if kernel else "composed"
     return records
 
 

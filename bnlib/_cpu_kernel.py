@@ -6,6 +6,7 @@ of about thirty dispatched operators, which is what small inputs spend their tim
 cannot be built (no compiler), bnlib says so once with a warning and keeps the composed path.
 Set BNLIB_CPU_KERNEL=0 to never try.
 """
+import contextlib
 import hashlib
 import os
 import platform
@@ -78,6 +79,17 @@ def load():
                       f"the slower composed path ({_status['error'].splitlines()[0]}). "
                       "Set BNLIB_CPU_KERNEL=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
     return _status["loaded"]
+
+
+@contextlib.contextmanager
+def use(on):
+    """Within the block, small CPU inputs take the kernel (on=True) or the composed path."""
+    global enabled
+    saved, enabled = enabled, bool(on)
+    try:
+        yield
+    finally:
+        enabled = saved
 
 
 def max_numel():

@@ -17,6 +17,7 @@ from bench.cases import SHAPES_2D, SHAPES_4D, Case, bytes_needed, cases  # noqa:
 from bench.run import _record, run_numpy_case, run_torch_case  # noqa: E402
 from bench.timing import (MIN_SAMPLE_SECONDS, calls_per_sample, saved_extra_bytes,  # noqa: E402
                           time_calls)
+from bnlib import _cpu_kernel  # noqa: E402
 from bnlib import functional as BF  # noqa: E402
 
 
@@ -142,8 +143,13 @@ def test_saved_extra_bytes_sees_full_size_saves_but_not_inputs():
 def test_one_tiny_case_runs_for_torch_and_numpy():
     case = Case((16, 4, 3, 3), "channels_last")
     recs = run_torch_case(case, "cpu", repeats=1, warmup=0)
+    # Through the compiled kernel where it is built, and then the composed path is timed too.
+    kernel = _cpu_kernel.status() == "loaded"
+    impls = ("native", "bnlib") + (("bnlib_composed",) if kernel else ())
     assert {(r["impl"], r["pass"]) for r in recs} == {
-        (i, p) for i in ("native", "bnlib") for p in ("forward", "forward+backward")}
+        (i, p) for i in impls for p in ("forward", "forward+backward")}
+    assert {r["path"] for r in recs if r["impl"] == "bnlib"} == {
+        "cpu kernel" if kernel else "composed"}
     assert all(r["median_s"] > 0 and r["saved_extra_bytes"] == 2 * 4 * 4 for r in recs)
     recs = run_numpy_case(Case((16, 4)), repeats=1, warmup=0)
     assert [r["impl"] for r in recs] == ["reference", "reference_compact", "reference_staged"]
@@ -156,6 +162,8 @@ def test_main_quick_writes_json_and_plot(tmp_path, capsys):
     result = json.loads((tmp_path / "cpu-quick.json").read_text())
     assert result["device"] == "cpu" and result["torch_threads"] == 1 and result["quick"]
     assert {r["case"] for r in result["records"]} == {"2D 100x500 float32"}
-    assert len(result["records"]) == 7 and len(result["targets"]) == 3
+    # native, bnlib (and bnlib_composed where the kernel takes the case) x 2 passes + 3 NumPy.
+    kernel = result["cpu_kernel"]["status"] == "loaded"
+    assert len(result["records"]) == (9 if kernel else 7) and len(result["targets"]) == 3
     assert (tmp_path / "cpu-quick.png").stat().st_size > 0
     assert "2D 100x500 float32" in capsys.readouterr().out

@@ -14,10 +14,8 @@ from bn_cases import DEVICES, bn_problems, torch_reference
 def cpu_path(request):
     """Every test here runs twice: small CPU inputs through the compiled kernel, then with the
     kernel switched off through the composed torch path (what large inputs and GPUs take)."""
-    saved = _cpu_kernel.enabled
-    _cpu_kernel.enabled = request.param == "cpu kernel"
-    yield request.param
-    _cpu_kernel.enabled = saved
+    with _cpu_kernel.use(request.param == "cpu kernel"):
+        yield request.param
 
 # float64 tolerance: see tests/test_reference.py (offset/scale up to 1e3, a few dozen roundings).
 TOL = dict(rtol=1e-9, atol=1e-9)

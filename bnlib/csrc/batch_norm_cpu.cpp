@@ -44,7 +44,8 @@ Layout layout_of(const at::Tensor& x) {
 constexpr int64_t kBlock = 16;
 
 // Per channel: s1 += p and s2 += p * e, where e = b - center[c] and p = a (kHasA) or e.
-// Forward (no a, b = x): sum(d), sum(d^2). Backward (a = dy, b = x): sum(dy), sum(dy (x - c0)).
+// Forward (no a, b = x, center = a first mean): sum(d), sum(d^2) with d = x - center.
+// Backward (a = dy, b = x, center = the saved mean): sum(dy), sum(dy (x - mean)).
 template <typename scalar_t, bool kHasA>
 void centred_sums(const scalar_t* a, const scalar_t* b, const scalar_t* center, const Layout& L,
                   double* s1, double* s2) {
