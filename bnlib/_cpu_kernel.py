@@ -58,6 +58,31 @@ def build_directory():
     return os.path.join(root, tag)
 
 
+@contextlib.contextmanager
+def _build_lock(directory):
+    """Hold an OS lock on directory/bnlib.lock while building or loading.
+
+    torch's loader guards a build with a file named `lock` that it deletes when done; a process
+    killed mid-build (a notebook kernel restarted during the build) leaves it behind, and every
+    later process would wait on it forever. An OS lock is released when its holder dies, and
+    every bnlib process takes it first, so a `lock` file found while holding it is stale.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's own lock file only
+        yield
+        return
+    with open(os.path.join(directory, "bnlib.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(directory, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load():
     """Build (once per machine) and load the kernel; True when torch.ops.bnlib is ready."""
     if _status["loaded"]:
@@ -69,9 +94,10 @@ def load():
         _ninja_on_path()
         directory = build_directory()
         os.makedirs(directory, exist_ok=True)
-        load_extension(name="bnlib_cpu", sources=[str(SOURCE)], build_directory=directory,
-                       extra_cflags=_compile_flags(), is_python_module=False,
-                       verbose=False)
+        with _build_lock(directory):
+            load_extension(name="bnlib_cpu", sources=[str(SOURCE)], build_directory=directory,
+                           extra_cflags=_compile_flags(), is_python_module=False,
+                           verbose=False)
         _status["loaded"] = True
     except Exception as err:  # no compiler, no ninja, a failed build: keep the composed path
         _status["error"] = f"{type(err).__name__}: {err}"

@@ -147,6 +147,10 @@ def _forward_inplace(x, weight, bias, eps):
     return y, mean, var, invstd
 
 
+# Marks a tensor as modified in place, so autograd refuses to use a stale saved copy of it.
+_increment_version = getattr(torch.autograd.graph, "increment_version", None) or torch._C._increment_version
+
+
 def _fast_path(x, *tensors):
     """The buffer-reusing paths: float32/float64 input, parameters of the same dtype, no autograd."""
     return (x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled()
@@ -175,6 +179,9 @@ class BatchNormFunction(torch.autograd.Function):
         if ctx.kernel:  # the kernel updates the running statistics itself
             y, mean, invstd = torch.ops.bnlib.forward(x, weight, bias, running_mean, running_var,
                                                       momentum, eps)
+            for t in (running_mean, running_var):  # written in C++: tell autograd, as lerp_ would
+                if t is not None:
+                    _increment_version(t)
             ctx.save_for_backward(x, weight, mean, invstd)
             return y
         if _fast_path(x, weight, bias):
@@ -204,6 +211,11 @@ class BatchNormFunction(torch.autograd.Function):
             grads = torch.ops.bnlib.backward(dy.to(x.dtype), x, weight, mean, invstd,
                                              ctx.needs_input_grad[0])
         elif _fast_path(x, dy, weight):
+            if dy.stride() != x.stride():
+                # torch's batch-norm gradient kernel (behind _channel_sums) can misread a dy laid
+                # out unlike x, e.g. for a single HWC image permuted to (1, C, H, W): copy dy
+                # into x's layout first.
+                dy = torch.empty_like(x).copy_(dy)
             grads = _compact_backward_inplace(dy, x, weight, mean, invstd, ctx.needs_input_grad)
         else:
             grads = compact_backward(dy, x, weight, mean, invstd, ctx.needs_input_grad)

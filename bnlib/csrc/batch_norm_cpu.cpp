@@ -7,7 +7,7 @@
 //
 // Accuracy: values are centred on a per-channel c0 before anything is squared or summed, so a
 // large common offset neither cancels (no E[x^2] - E[x]^2) nor rounds the deviations; partial
-// sums run in the input's dtype over short blocks and are added up in double.
+// sums run in the input's dtype over at most 64 values and are added up in double.
 // Like torch's kernel, it saves only the per-channel mean and inverse std, in the input's
 // dtype; the backward centres x on that saved mean.
 //
@@ -33,45 +33,81 @@ struct Layout {
 };
 
 Layout layout_of(const at::Tensor& x) {
-  const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK(n > 0 && c > 0, "bnlib CPU kernel: input must not be empty, got shape ", x.sizes());
+  const int64_t s = x.numel() / (n * c);
   if (x.is_contiguous()) return {n, c, s};
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {n * s, c, 1};
   TORCH_CHECK(false, "bnlib CPU kernel: input must be contiguous or channels-last, got strides ",
               x.strides());
 }
 
-// Rows summed in the input's dtype before their partial sums are added into double.
+// Values summed in the input's dtype before their partial sum is added into double: rows of a
+// channel-innermost layout, consecutive values of one channel in a channel-major one.
 constexpr int64_t kBlock = 16;
+constexpr int64_t kChunk = 64;
 
-// Per channel: s1 += p and s2 += p * e, where e = b - center[c] and p = a (kHasA) or e.
+// Channel-innermost rows with few channels are walked R at a time, as one wide row of
+// W = R * C values with every per-channel vector repeated R times, so that the vector loop is
+// long enough to pay for itself (16 channels would otherwise mean loops of 16).
+constexpr int64_t kWideRow = 256;
+
+int64_t rows_per_wide_row(int64_t channels) {
+  return std::max<int64_t>(1, kWideRow / channels);
+}
+
+template <typename T>
+std::vector<T> repeated(const T* v, int64_t channels, int64_t times) {
+  std::vector<T> out(channels * times);
+  for (int64_t r = 0; r < times; ++r) std::copy(v, v + channels, out.begin() + r * channels);
+  return out;
+}
+
+// Per channel: s1 += p and (kSecond) s2 += p * e, where e = b - center[c] and p = a (kHasA) or e.
 // Forward (no a, b = x, center = a first mean): sum(d), sum(d^2) with d = x - center.
 // Backward (a = dy, b = x, center = the saved mean): sum(dy), sum(dy (x - mean)).
-template <typename scalar_t, bool kHasA>
+template <typename scalar_t, bool kHasA, bool kSecond = true>
 void centred_sums(const scalar_t* a, const scalar_t* b, const scalar_t* center, const Layout& L,
                   double* s1, double* s2) {
   const int64_t C = L.channels;
   if (L.inner == 1) {
-    std::vector<scalar_t> t1(C), t2(C);
-    for (int64_t o0 = 0; o0 < L.outer; o0 += kBlock) {
-      std::fill(t1.begin(), t1.end(), scalar_t(0));
-      std::fill(t2.begin(), t2.end(), scalar_t(0));
-      scalar_t *p1 = t1.data(), *p2 = t2.data();
-      for (int64_t o = o0; o < std::min(o0 + kBlock, L.outer); ++o) {
-        const scalar_t* br = b + o * C;
-        const scalar_t* ar = kHasA ? a + o * C : br;
-#pragma omp simd
+    const int64_t R = rows_per_wide_row(C), W = R * C, wide = L.outer / R;
+    const std::vector<scalar_t> cen = repeated(center, C, R);
+    std::vector<scalar_t> t1(W, scalar_t(0)), t2(W, scalar_t(0));
+    const scalar_t* cp = cen.data();
+    scalar_t *p1 = t1.data(), *p2 = t2.data();
+    // Partial sums of at most kBlock (wide) rows, then into double.
+    auto flush = [&]() {
+      for (int64_t r = 0; r < R; ++r) {
         for (int64_t c = 0; c < C; ++c) {
-          const scalar_t e = br[c] - center[c];
-          const scalar_t p = kHasA ? ar[c] : e;
-          p1[c] += p;
-          p2[c] += p * e;
+          s1[c] += p1[r * C + c];
+          if (kSecond) s2[c] += p2[r * C + c];
         }
       }
-      for (int64_t c = 0; c < C; ++c) {
-        s1[c] += p1[c];
-        s2[c] += p2[c];
+      std::fill(t1.begin(), t1.end(), scalar_t(0));
+      std::fill(t2.begin(), t2.end(), scalar_t(0));
+    };
+    auto accumulate = [&](int64_t offset, int64_t n) {
+      const scalar_t* br = b + offset;
+      const scalar_t* ar = kHasA ? a + offset : br;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const scalar_t e = br[j] - cp[j];
+        const scalar_t p = kHasA ? ar[j] : e;
+        p1[j] += p;
+        if (kSecond) p2[j] += p * e;
       }
+    };
+    for (int64_t g = 0; g < wide; ++g) {
+      accumulate(g * W, W);
+      if ((g + 1) % kBlock == 0) flush();
     }
+    flush();
+    for (int64_t o = wide * R; o < L.outer; ++o) {  // the last outer % R rows, one at a time
+      accumulate(o * C, C);
+      if ((o - wide * R + 1) % kBlock == 0) flush();
+    }
+    flush();
     return;
   }
   for (int64_t oc = 0; oc < L.outer * C; ++oc) {
@@ -79,16 +115,19 @@ void centred_sums(const scalar_t* a, const scalar_t* b, const scalar_t* center, 
     const scalar_t cc = center[c];
     const scalar_t* br = b + oc * L.inner;
     const scalar_t* ar = kHasA ? a + oc * L.inner : br;
-    scalar_t q1 = 0, q2 = 0;
+    for (int64_t i0 = 0; i0 < L.inner; i0 += kChunk) {
+      const int64_t i1 = std::min(i0 + kChunk, L.inner);
+      scalar_t q1 = 0, q2 = 0;
 #pragma omp simd reduction(+ : q1, q2)
-    for (int64_t i = 0; i < L.inner; ++i) {
-      const scalar_t e = br[i] - cc;
-      const scalar_t p = kHasA ? ar[i] : e;
-      q1 += p;
-      q2 += p * e;
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t e = br[i] - cc;
+        const scalar_t p = kHasA ? ar[i] : e;
+        q1 += p;
+        if (kSecond) q2 += p * e;
+      }
+      s1[c] += q1;
+      if (kSecond) s2[c] += q2;
     }
-    s1[c] += q1;
-    s2[c] += q2;
   }
 }
 
@@ -99,14 +138,21 @@ void centred_affine(const scalar_t* a, const scalar_t* b, const scalar_t* center
                     scalar_t* out) {
   const int64_t C = L.channels;
   if (L.inner == 1) {
-    for (int64_t o = 0; o < L.outer; ++o) {
-      const scalar_t* br = b + o * C;
-      const scalar_t* ar = kHasA ? a + o * C : br;
-      scalar_t* outr = out + o * C;
+    const int64_t R = rows_per_wide_row(C), W = R * C, wide = L.outer / R;
+    const std::vector<scalar_t> cen = repeated(center, C, R), vr = repeated(v, C, R),
+                                wr = repeated(w, C, R),
+                                ur = kHasA ? repeated(u, C, R) : std::vector<scalar_t>();
+    const scalar_t *cp = cen.data(), *vp = vr.data(), *wp = wr.data(), *up = ur.data();
+    auto row = [&](int64_t offset, int64_t n) {
+      const scalar_t* br = b + offset;
+      const scalar_t* ar = kHasA ? a + offset : br;
+      scalar_t* outr = out + offset;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c)
-        outr[c] = (kHasA ? ar[c] * u[c] : scalar_t(0)) + (br[c] - center[c]) * v[c] + w[c];
-    }
+      for (int64_t j = 0; j < n; ++j)
+        outr[j] = (kHasA ? ar[j] * up[j] : scalar_t(0)) + (br[j] - cp[j]) * vp[j] + wp[j];
+    };
+    for (int64_t g = 0; g < wide; ++g) row(g * W, W);
+    for (int64_t o = wide * R; o < L.outer; ++o) row(o * C, C);
     return;
   }
   for (int64_t oc = 0; oc < L.outer * C; ++oc) {
@@ -138,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   // First pass: a first mean c0 (its rounding is corrected below).
   std::vector<scalar_t> zero(C, scalar_t(0)), c0(C);
-  std::vector<double> sum_x(C, 0.0), unused(C, 0.0);
-  centred_sums<scalar_t, true>(xp, xp, zero.data(), L, sum_x.data(), unused.data());
+  std::vector<double> sum_x(C, 0.0);
+  centred_sums<scalar_t, false, false>(nullptr, xp, zero.data(), L, sum_x.data(), nullptr);
   for (int64_t c = 0; c < C; ++c) c0[c] = static_cast<scalar_t>(sum_x[c] / m);
   // Second pass: sum(d) and sum(d^2), d = x - c0; mean(d) is c0's error.
   std::vector<double> sum_d(C, 0.0), sum_dd(C, 0.0);
@@ -183,9 +229,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const Layout L = layout_of(x);
   const int64_t C = L.channels;
   const double m = static_cast<double>(L.outer * L.inner);
-  // dy in x's memory layout, so both are walked with the same offsets.
-  const at::Tensor dy = dy_in.strides() == x.strides() ? dy_in
-                                                       : dy_in.contiguous(x.suggest_memory_format());
+  // dy in the layout layout_of chose for x, so both are walked with the same offsets. (Not
+  // x.suggest_memory_format(): its stride heuristic can name the other layout when a size-1
+  // axis has an unusual stride, e.g. a single HWC image permuted to (1, C, H, W).)
+  const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  const at::Tensor dy = dy_in.is_contiguous(fmt) ? dy_in : dy_in.contiguous(fmt);
   const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t *mean = save_mean.const_data_ptr<scalar_t>(), *invstd = save_invstd.const_data_ptr<scalar_t>();
   const scalar_t* wp = data_or_null<scalar_t>(weight);
