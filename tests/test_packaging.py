@@ -61,3 +61,13 @@ def test_torch_lower_bound_admits_the_gpu_machines_torch():
     spec = _pyproject_requirements()["torch"]
     major, minor = map(int, re.match(r">=(\d+)\.(\d+)", spec).groups())
     assert (major, minor) <= (2, 11)
+
+
+def test_the_kernel_source_ships_in_the_package():
+    """bnlib/_cpu_kernel.py compiles bnlib/csrc/*.cpp on the user's machine, so an installed
+    (non-editable) bnlib must carry those files: pyproject's package-data must match them."""
+    import fnmatch
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["bnlib"]
+    sources = [p.relative_to(ROOT / "bnlib").as_posix() for p in (ROOT / "bnlib" / "csrc").iterdir()]
+    assert sources and all(any(fnmatch.fnmatch(s, g) for g in globs) for s in sources), sources

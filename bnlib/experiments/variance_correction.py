@@ -14,7 +14,7 @@ DATASET = "digits"
 
 PROFILES = {
     "quick": dict(dataset="digits", sim_batch_sizes=[2, 3, 4, 8, 16, 32, 64, 128], sim_trials=20000,
-                  batch_sizes=[2, 4, 8, 32], width=64, depth=3, steps=250, lr=0.02),
+                  batch_sizes=[2, 3, 4, 8, 32], width=64, depth=3, steps=250, lr=0.02),
     # Full: the same data (accuracy thresholds keep their meaning), more draws, more and bigger nets.
     "full": dict(dataset="digits", sim_batch_sizes=[2, 3, 4, 8, 16, 32, 64, 128, 256],
                  sim_trials=200000, batch_sizes=[2, 3, 4, 8, 16, 32, 64], width=256, depth=4,
