@@ -14,7 +14,7 @@ from bench import report
 from bench.cases import cases
 from bench.run import MAX_SECONDS_PER_CASE, MIN_REPEATS, run_numpy_case, run_torch_case
 from bench.timing import MIN_SAMPLE_SECONDS, copy_bandwidth
-from bnlib import _cpu_kernel
+from bnlib import _cpu_kernel, _triton_kernel
 from bnlib import functional as BF
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,6 +74,18 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
+def triton_meta():
+    default = _triton_kernel.enabled
+    with _triton_kernel.use(True):
+        status = _triton_kernel.status()
+    try:  # the installed version, without importing triton (which reads its settings then)
+        from importlib.metadata import version as installed
+        version = installed("triton")
+    except Exception:
+        version = None
+    return {"status": status, "default": default, "triton": version}
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
@@ -113,6 +125,8 @@ def main(argv=None):
         "note": args.note,
         # bnlib's compiled CPU kernel: whether it was built, and the largest input it takes.
         "cpu_kernel": {"status": _cpu_kernel.status(), "max_numel": _cpu_kernel.max_numel()},
+        # bnlib's Triton path (CUDA): whether it loaded, whether it is bnlib's default here.
+        "triton_kernel": triton_meta(),
     }
     print(report.table(records))
     print("\n".join(report.target_lines(targets)))

@@ -5,19 +5,42 @@ import torch.nn.functional as F
 
 from bench.cases import bytes_needed
 from bench.timing import saved_extra_bytes, time_calls
-from bnlib import _cpu_kernel
+from bnlib import _cpu_kernel, _triton_kernel
 from bnlib import functional as BF
 from bnlib import reference
 
 
 def composed_batch_norm(*args):
-    """bnlib.functional.batch_norm with the compiled CPU kernel switched off: the composed path."""
-    with _cpu_kernel.use(False):
+    """bnlib.functional.batch_norm with its own kernels (compiled CPU, Triton) off: the composed path."""
+    with _cpu_kernel.use(False), _triton_kernel.use(False):
+        return BF.batch_norm(*args)
+
+
+def triton_batch_norm(*args):
+    """bnlib.functional.batch_norm through its Triton kernels (what BNLIB_TRITON=1 selects)."""
+    with _triton_kernel.use(True):
         return BF.batch_norm(*args)
 
 
 TORCH_IMPLS = {"native": F.batch_norm, "bnlib": BF.batch_norm,
-               "bnlib_composed": composed_batch_norm}
+               "bnlib_composed": composed_batch_norm, "bnlib_triton": triton_batch_norm}
+
+
+def triton_takes(x, *params):
+    """Whether the Triton path would take this case (on CUDA, with Triton installed)."""
+    if x.device.type != "cuda":
+        return False
+    with _triton_kernel.use(True):
+        return _triton_kernel.usable(x, *params)
+
+
+def bnlib_path(x, *params):
+    """Which path bnlib.functional's default takes for this case."""
+    if _cpu_kernel.usable(x, *params):
+        return "cpu kernel"
+    if x.device.type == "cuda" and _triton_kernel.usable(x, *params):
+        return "triton"
+    return "composed"
 # A case whose slowest function takes longer than this per call gets fewer repeats (>= 3).
 MAX_SECONDS_PER_CASE = 10.0
 MIN_REPEATS = 3
@@ -57,11 +80,12 @@ def _repeats_for(fns, repeats, device):
 def run_torch_case(case, device, repeats, warmup=1):
     """Median forward and forward+backward times of each torch impl, side by side.
 
-    Where bnlib runs a case through its compiled CPU kernel, the composed path is timed too
-    ("bnlib_composed"), so the kernel's effect is measured in the same run.
+    Where bnlib runs a case through a kernel of its own by default (the compiled CPU kernel, or
+    Triton with BNLIB_TRITON=1), the composed path is timed too ("bnlib_composed"); on CUDA the
+    Triton path is timed as well ("bnlib_triton"), so each one's effect is measured in one run.
     """
     x, dy, w, b, rm, rv = torch_inputs(case, device)
-    kernel = _cpu_kernel.usable(x, w, b, rm, rv)
+    path = bnlib_path(x, w, b, rm, rv)
 
     def step(fn, backward):
         def call():
@@ -71,7 +95,8 @@ def run_torch_case(case, device, repeats, warmup=1):
                 y.backward(dy)
         return call
 
-    names = ["native", "bnlib"] + (["bnlib_composed"] if kernel else [])
+    names = (["native", "bnlib"] + (["bnlib_composed"] if path != "composed" else [])
+             + (["bnlib_triton"] if path != "triton" and triton_takes(x, w, b, rm, rv) else []))
     fns = [step(TORCH_IMPLS[n], bw) for bw in (False, True) for n in names]
     reps = _repeats_for(fns, repeats, device)
     times = time_calls(fns, reps, warmup=warmup, device=device)
@@ -83,7 +108,7 @@ def run_torch_case(case, device, repeats, warmup=1):
                                   leaves + [rm.clone(), rv.clone()])
         records.append(_record(case, device, "torch", n, pass_name, t, reps, extra))
         if n == "bnlib":
-            records[-1]["path"] = "cpu kernel" if kernel else "composed"
+            records[-1]["path"] = path
     return records
 
 

@@ -8,7 +8,7 @@ kernel does. float16/bfloat16 inputs have their statistics accumulated in float3
 """
 import torch
 
-from bnlib import _cpu_kernel
+from bnlib import _cpu_kernel, _triton_kernel
 from bnlib._checks import (check_batch_for_training, check_channel_param, check_eps,
                            check_input_shape, check_momentum, values_per_channel)
 
@@ -157,14 +157,43 @@ def _fast_path(x, *tensors):
             and all(t is None or t.dtype == x.dtype for t in tensors))
 
 
+def _bump_versions(*tensors):
+    """Tell autograd that tensors written by a kernel (not by a torch op) have changed."""
+    for t in tensors:
+        if t is not None:
+            _increment_version(t)
+
+
+def _backward_grads(ctx, dy, x, weight, mean, invstd):
+    """(dx, dgamma, dbeta) by the CPU kernel or the composed path (see BatchNormFunction)."""
+    if torch.is_grad_enabled():  # create_graph=True: keep the statistics' dependence on x
+        mean, var = batch_stats(x)
+        invstd = torch.rsqrt(var + ctx.eps)
+        return compact_backward(dy, x, weight, mean, invstd, ctx.needs_input_grad)
+    if ctx.kernel:
+        return torch.ops.bnlib.backward(dy.to(x.dtype), x, weight, mean, invstd,
+                                        ctx.needs_input_grad[0])
+    if _fast_path(x, dy, weight):
+        if dy.stride() != x.stride():
+            # torch's batch-norm gradient kernel (behind _channel_sums) can misread a dy laid
+            # out unlike x, e.g. for a single HWC image permuted to (1, C, H, W): copy dy
+            # into x's layout first.
+            dy = torch.empty_like(x).copy_(dy)
+        return _compact_backward_inplace(dy, x, weight, mean, invstd, ctx.needs_input_grad)
+    return compact_backward(dy, x, weight, mean, invstd, ctx.needs_input_grad)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN: forward normalizes with batch statistics; backward is the compact form.
 
     Small float32/float64 CPU inputs go through the compiled kernel (bnlib._cpu_kernel: one call
-    per direction, same formulas). Otherwise both directions run with one full-size buffer each
-    where the dtypes allow (float32/float64 input and parameters), else in the compute dtype via
-    batch_stats/compact_backward.
-    Only x, the weight and the per-channel mean and inverse std are saved; the running
+    per direction, same formulas); with BNLIB_TRITON=1, float32/half CUDA inputs go through the
+    Triton kernels (bnlib._triton_kernel: three launches per direction, same formulas; a kernel
+    that fails warns once and hands over to the composed path). Otherwise both directions run
+    with one full-size buffer each where the dtypes allow (float32/float64 input and
+    parameters), else in the compute dtype via batch_stats/compact_backward.
+    Only x, the weight and the per-channel mean and inverse std are saved (on the Triton path
+    also the mean's float32 rounding error, per channel); the running
     statistics, if given, are updated in place.
     Double backward is supported: under create_graph=True the backward recomputes the batch
     statistics from x with autograd on, so the compact form can itself be differentiated.
@@ -176,12 +205,25 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.kernel = _cpu_kernel.usable(x, weight, bias, running_mean, running_var)
+        ctx.triton = not ctx.kernel and _triton_kernel.usable(x, weight, bias, running_mean,
+                                                             running_var)
+        if ctx.triton:
+            try:
+                y, mean, invstd, mean_lo = _triton_kernel.forward(
+                    x, weight, bias, running_mean, running_var, momentum, eps)
+            except _triton_kernel.KernelError as err:  # composed path from here on
+                _triton_kernel.disable(err)
+                ctx.triton = False
+                if err.running_updated:  # already done: the composed path must not repeat it
+                    running_mean = running_var = None
+            else:
+                _bump_versions(running_mean, running_var)
+                ctx.save_for_backward(x, weight, mean, invstd, mean_lo)
+                return y
         if ctx.kernel:  # the kernel updates the running statistics itself
             y, mean, invstd = torch.ops.bnlib.forward(x, weight, bias, running_mean, running_var,
                                                       momentum, eps)
-            for t in (running_mean, running_var):  # written in C++: tell autograd, as lerp_ would
-                if t is not None:
-                    _increment_version(t)
+            _bump_versions(running_mean, running_var)  # written in C++, as lerp_ would tell
             ctx.save_for_backward(x, weight, mean, invstd)
             return y
         if _fast_path(x, weight, bias):
@@ -202,23 +244,16 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: keep the statistics' dependence on x
-            mean, var = batch_stats(x)
-            invstd = torch.rsqrt(var + ctx.eps)
-            grads = compact_backward(dy, x, weight, mean, invstd, ctx.needs_input_grad)
-        elif ctx.kernel:
-            grads = torch.ops.bnlib.backward(dy.to(x.dtype), x, weight, mean, invstd,
-                                             ctx.needs_input_grad[0])
-        elif _fast_path(x, dy, weight):
-            if dy.stride() != x.stride():
-                # torch's batch-norm gradient kernel (behind _channel_sums) can misread a dy laid
-                # out unlike x, e.g. for a single HWC image permuted to (1, C, H, W): copy dy
-                # into x's layout first.
-                dy = torch.empty_like(x).copy_(dy)
-            grads = _compact_backward_inplace(dy, x, weight, mean, invstd, ctx.needs_input_grad)
-        else:
-            grads = compact_backward(dy, x, weight, mean, invstd, ctx.needs_input_grad)
+        x, weight, mean, invstd, *mean_lo = ctx.saved_tensors  # mean_lo: Triton path only
+        grads = None
+        if ctx.triton and not torch.is_grad_enabled():
+            try:
+                grads = _triton_kernel.backward(dy, x, weight, mean, invstd, mean_lo[0],
+                                                ctx.needs_input_grad[0])
+            except _triton_kernel.KernelError as err:  # composed path from here on
+                _triton_kernel.disable(err)
+        if grads is None:
+            grads = _backward_grads(ctx, dy, x, weight, mean, invstd)
         dx, dweight, dbias = grads
         return (None if dx is None else dx.to(x.dtype),
                 dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None,

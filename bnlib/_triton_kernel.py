@@ -1,0 +1,229 @@
+"""bnlib's Triton path for CUDA: the training forward and the compact backward in three kernel
+launches each (bnlib/_triton_impl.py), where the composed torch path takes about thirty.
+
+Opt-in for now: set BNLIB_TRITON=1 (or use `with use(True):`). It is tested for correctness in
+Triton's interpreter on a CPU (TRITON_INTERPRET=1, tests/test_triton_kernel.py) and stays off by
+default until a GPU benchmark (`make bench` on CUDA times it beside native and the composed
+path) has shown it at least as fast. Where Triton is missing or a kernel fails to compile, bnlib
+says so once with a warning and keeps the composed path.
+"""
+import contextlib
+import os
+import warnings
+
+import torch
+
+enabled = os.environ.get("BNLIB_TRITON", "0") == "1"
+# Under Triton's interpreter the kernels run on CPU tensors (how the tests check them here).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Values one reduction tile holds (BLOCK_M x BLOCK_C or BLOCK_N x BLOCK_S) and one elementwise
+# program handles. Tests shrink TILE to run many tiles and slices on small inputs.
+TILE = 4096
+ELEMENTWISE_BLOCK = 2048
+MAX_SPLIT_BLOCK = 64       # slices merged per step of a finalize kernel
+# Reduction programs to aim for: a few per streaming multiprocessor keep every one busy.
+PROGRAMS_PER_SM = 4
+
+_status = {"loaded": False, "error": None}
+_impl = None
+
+
+def _next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def load():
+    """Import Triton and compile nothing yet; True when the kernels can be launched."""
+    global _impl
+    if _status["loaded"]:
+        return True
+    if _status["error"] is not None:
+        return False
+    try:
+        from bnlib import _triton_impl
+        _impl = _triton_impl
+        _status["loaded"] = True
+    except Exception as err:  # no triton, or one too old for these kernels
+        disable(err)
+    return _status["loaded"]
+
+
+def disable(err):
+    """Record why the Triton path failed, warn once, and keep the composed path from now on."""
+    _status["loaded"] = False
+    _status["error"] = f"{type(err).__name__}: {err}"
+    warnings.warn(f"bnlib: the Triton path is unavailable, so CUDA inputs use the composed torch "
+                  f"path ({_status['error'].splitlines()[0]}). Unset BNLIB_TRITON to skip it.",
+                  RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def use(on):
+    """Within the block, eligible inputs take the Triton path (on=True) or the composed one."""
+    global enabled
+    saved, enabled = enabled, bool(on)
+    try:
+        yield
+    finally:
+        enabled = saved
+
+
+def status():
+    """'loaded', 'disabled', 'not loaded yet' or the error, for reports."""
+    if not enabled:
+        return "disabled"
+    if _status["loaded"]:
+        return "loaded"
+    return _status["error"] or "not loaded yet"
+
+
+def layout(x):
+    """'rows' (channel innermost), 'planes' (channel-major contiguous) or None (any other)."""
+    spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
+    if x.movedim(1, -1).is_contiguous() and (spatial == 1 or not x.is_contiguous()):
+        return "rows"
+    if x.is_contiguous():
+        return "planes"
+    return None
+
+
+def usable(x, *params):
+    """True when x (and the per-channel tensors in params) can go through the Triton kernels."""
+    if not (enabled and x.dtype in DTYPES and 0 < x.numel() < 2**31):
+        return False
+    if not (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")):
+        return False
+    if layout(x) is None:
+        return False
+    if any(p is not None and (p.dtype not in (torch.float32, x.dtype) or not p.is_contiguous())
+           for p in params):
+        return False
+    return load()
+
+
+def _target_programs(device):
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _plan(x):
+    """Grid and block sizes of the split reduction for x: (kind, grid, args, meta)."""
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c)
+    target = _target_programs(x.device)
+    if layout(x) == "rows":
+        m = n * s
+        block_c = min(64, _next_pow2(c))
+        block_m = max(1, min(TILE // block_c, _next_pow2(m)))
+        c_blocks = _cdiv(c, block_c)
+        splits = max(1, min(_cdiv(m, block_m), target // c_blocks))
+        rows = _cdiv(_cdiv(m, splits), block_m) * block_m   # rows per slice, whole tiles
+        splits = _cdiv(m, rows)
+        return "rows", (c_blocks, splits), (m, c, rows, splits), dict(BLOCK_M=block_m, BLOCK_C=block_c)
+    block_s = min(_next_pow2(s), TILE)
+    splits = max(1, min(n, target // c))
+    per = _cdiv(n, splits)                                  # images per slice
+    splits = _cdiv(n, per)
+    block_n = max(1, min(_next_pow2(per), TILE // block_s))
+    return "planes", (c, splits), (n, c, s, per, splits), dict(BLOCK_N=block_n, BLOCK_S=block_s)
+
+
+def _channel_divisor(x):
+    """Element i of x's memory is in channel (i // divisor) % C."""
+    return 1 if layout(x) == "rows" else x.numel() // (x.shape[0] * x.shape[1])
+
+
+def _finalize_meta(c, splits):
+    return dict(BLOCK_SPLIT=min(MAX_SPLIT_BLOCK, _next_pow2(splits)),
+                BLOCK_C=min(128, _next_pow2(c)))
+
+
+class KernelError(RuntimeError):
+    """A Triton kernel failed (most likely to compile). running_updated: whether the running
+    statistics had already been updated in place when it did (so a fallback must not again)."""
+
+    def __init__(self, err, running_updated=False):
+        super().__init__(f"{type(err).__name__}: {err}")
+        self.running_updated = running_updated
+
+
+def _or(t, placeholder):
+    """t, or a placeholder pointer for an optional tensor the kernel is told (flag) not to read."""
+    return placeholder if t is None else t
+
+
+def forward(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Training forward: (y, mean, invstd, mean_lo); running statistics updated in place if given.
+
+    mean is the float32 mean rounded, mean_lo its rounding error (see bnlib/_triton_impl.py):
+    backward takes both.
+    """
+    c = x.shape[1]
+    m = x.numel() // c
+    running_updated = False
+    try:
+        kind, grid, args, meta = _plan(x)
+        splits = grid[1]
+        f32 = dict(device=x.device, dtype=torch.float32)
+        part = torch.empty(3 * splits * c, **f32)
+        stats = _impl.stats_rows if kind == "rows" else _impl.stats_planes
+        stats[grid](x, part, *args, **meta)
+        mean, lo, invstd, scale = (torch.empty(c, **f32) for _ in range(4))
+        fmeta = _finalize_meta(c, splits)
+        div = _channel_divisor(x)
+        _impl.finalize_stats[(_cdiv(c, fmeta["BLOCK_C"]),)](
+            part, x, splits, c, div, float(m), float(eps), float(momentum), m / max(m - 1, 1),
+            _or(weight, scale), mean, lo, invstd, scale,
+            _or(running_mean, mean), _or(running_var, mean),
+            HAS_W=weight is not None, HAS_RM=running_mean is not None,
+            HAS_RV=running_var is not None, **fmeta)
+        running_updated = running_mean is not None or running_var is not None
+        y = torch.empty_like(x)
+        numel = x.numel()
+        _impl.normalize[(_cdiv(numel, ELEMENTWISE_BLOCK),)](
+            x, y, mean, lo, scale, _or(bias, scale), numel, c, div,
+            HAS_B=bias is not None, BLOCK=ELEMENTWISE_BLOCK)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        raise KernelError(err, running_updated) from err
+    return y, mean, invstd, lo
+
+
+def backward(dy, x, weight, mean, invstd, mean_lo, need_dx=True):
+    """Compact backward: (dx or None, dl/dgamma, dl/dbeta), the last two in float32."""
+    try:
+        if dy.stride() != x.stride() or dy.dtype != x.dtype:
+            dy = torch.empty_like(x).copy_(dy)  # the kernels index dy exactly as x
+        c = x.shape[1]
+        m = x.numel() // c
+        kind, grid, args, meta = _plan(x)
+        splits = grid[1]
+        f32 = dict(device=x.device, dtype=torch.float32)
+        part = torch.empty(2 * splits * c, **f32)
+        sums = _impl.grad_sums_rows if kind == "rows" else _impl.grad_sums_planes
+        sums[grid](dy, x, mean, mean_lo, part, *args, **meta)
+        dweight, dbias = torch.empty(c, **f32), torch.empty(c, **f32)
+        coef = torch.empty(3 * c, **f32)
+        fmeta = _finalize_meta(c, splits)
+        _impl.finalize_grad[(_cdiv(c, fmeta["BLOCK_C"]),)](
+            part, splits, c, float(m), _or(weight, invstd), invstd,
+            dweight, dbias, coef, HAS_W=weight is not None, **fmeta)
+        dx = None
+        if need_dx:
+            dx = torch.empty_like(x)
+            numel = x.numel()
+            _impl.grad_input[(_cdiv(numel, ELEMENTWISE_BLOCK),)](
+                dy, x, dx, mean, mean_lo, coef, numel, c, _channel_divisor(x),
+                BLOCK=ELEMENTWISE_BLOCK)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        raise KernelError(err) from err
+    return dx, dweight, dbias
