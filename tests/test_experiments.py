@@ -14,6 +14,7 @@ from bnlib.experiments.covariate_shift import band_width, relative_drift
 from bnlib.experiments.metrics import gradient_change, percentiles, steps_to_reach
 from bnlib.experiments.models import NoisyBatchNorm1d, held_noise, mlp
 from bnlib.experiments.noisy_bn import ics, layer_params, probe, smoothness
+from bnlib.experiments import train as train_mod
 from bnlib.experiments.train import batch_indices, frozen_buffers, loss_fn
 
 
@@ -259,3 +260,89 @@ def test_init_std_gives_every_architecture_the_same_weights():
             assert torch.equal(a.weight, b.weight)
     torch.manual_seed(4)
     assert not torch.equal(mlp(6, [5, 4], 3, init_std=0.1).out.weight, nets[None].out.weight)
+
+
+def _tiny_training(seed=0):
+    """A small BN sigmoid MLP, its SGD, data and 23 steps of batch indices (on CPU)."""
+    torch.manual_seed(seed)
+    model = mlp(6, [8, 8], 3, "sigmoid", "bn", 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    return model, opt, x, y, batch_indices(40, 10, 23, seed=seed)
+
+
+def _plain_loop(model, opt, x, y, batches):
+    for idx in batches:
+        opt.zero_grad(set_to_none=True)
+        train_mod.loss_fn(model, x[idx], y[idx]).backward()
+        opt.step()
+
+
+def _state(model):
+    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+
+
+def test_chunk_runner_on_a_cpu_is_the_plain_step_loop():
+    model, opt, x, y, batches = _tiny_training()
+    run = train_mod.chunk_runner(model, opt, x, y, chunk=10)
+    for start in range(0, 23, 10):                     # chunks of 10, 10, then 3 steps
+        run(batches[start:start + 10])
+    assert run.state["graph"] is None and run.state["failed"]   # no graphs on a CPU
+    ref_model, ref_opt, *_ = _tiny_training()
+    _plain_loop(ref_model, ref_opt, x, y, batches)
+    for a, b in zip(_state(model), _state(ref_model)):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_capture_undoes_its_warm_up_and_trains_eagerly(monkeypatch):
+    """Capture runs three real warm-up steps before it can fail; they must leave no trace. Here
+    CUDA's stream and graph calls are stand-ins (this runs on a CPU) and the capture raises."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        pass
+
+    @contextlib.contextmanager
+    def failing_capture(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    model, opt, x, y, batches = _tiny_training()
+    run = train_mod.chunk_runner(model, opt, x, y, chunk=10, graphs=True)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        run(batches[:10])
+    run(batches[10:20])
+    assert run.state["failed"] and run.state["graph"] is None
+    ref_model, ref_opt, *_ = _tiny_training()
+    _plain_loop(ref_model, ref_opt, x, y, batches[:20])
+    for a, b in zip(_state(model), _state(ref_model)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_replay_trains_like_eager_steps():
+    def trained(graphs):
+        model, opt, x, y, batches = _tiny_training()
+        model, x, y, batches = model.cuda(), x.cuda(), y.cuda(), batches.cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        run = train_mod.chunk_runner(model, opt, x, y, chunk=10, graphs=graphs)
+        for start in range(0, 23, 10):
+            run(batches[start:start + 10])
+        return run, _state(model)
+    graphed, got = trained(True)
+    eager, want = trained(False)
+    assert graphed.state["graph"] is not None and eager.state["graph"] is None
+    for a, b in zip(got, want):
+        # Same kernels in the same order; cuBLAS may pick another algorithm under capture, so
+        # float32 rounding (a few ulps per step over 23 steps) rather than bitwise equality.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ from bnlib import plotting
 from bnlib.experiments.common import load_dataset
 from bnlib.experiments.metrics import percentiles, steps_to_reach
 from bnlib.experiments.models import mlp
-from bnlib.experiments.train import accuracy, batch_indices, loss_fn, progress, stack_list
+from bnlib.experiments.train import accuracy, batch_indices, chunk_runner, progress, stack_list
 
 NAME = "covariate_shift"
 DESCRIPTION = "paper Figure 1: 3x100 sigmoid MLP with/without BN, accuracy and sigmoid-input percentiles"
@@ -48,14 +48,14 @@ def train_variant(norm, data, cfg, device, seed, show):
 
     bar = progress(cfg["steps"], show, f"{NAME} {norm}")
     record(0)
-    for step in range(1, cfg["steps"] + 1):
-        idx = batches[step - 1]
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, x_train[idx], y_train[idx]).backward()
-        opt.step()
-        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            record(step)
-            bar.update(step - bar.n)
+    # The steps between two records as one chunk: on CUDA one graph replay (see chunk_runner).
+    every = cfg["eval_every"]
+    run_chunk = chunk_runner(model, opt, x_train, y_train, every)
+    for start in range(0, cfg["steps"], every):
+        stop = min(start + every, cfg["steps"])
+        run_chunk(batches[start:stop])
+        record(stop)
+        bar.update(stop - bar.n)
     bar.close()
     pct = torch.stack(pct)  # (records, 3, units)
     drift = relative_drift(pct)

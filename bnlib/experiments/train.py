@@ -1,6 +1,8 @@
 """Training helpers shared by the experiments: minibatch indices, loss, accuracy, an SGD loop."""
 import contextlib
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,84 @@ def progress(total, enabled, desc):
 def stack_list(values):
     """Stack a list of 0-d or 1-d tensors and bring them to the host as nested lists, once."""
     return torch.stack(values).detach().cpu().tolist()
+
+
+def _sgd_steps(model, opt, x, y, idx):
+    """One SGD step on x[idx[k]], y[idx[k]] for each row k of idx (no host syncs)."""
+    for k in range(idx.shape[0]):
+        i = idx[k]
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x[i], y[i]).backward()
+        opt.step()
+
+
+def cuda_graphs_wanted(device):
+    """CUDA graphs on CUDA unless BNLIB_CUDA_GRAPHS=0; never on a CPU."""
+    return str(device).startswith("cuda") and os.environ.get("BNLIB_CUDA_GRAPHS", "1") != "0"
+
+
+def chunk_runner(model, opt, x, y, chunk, graphs=None):
+    """A function run(idx) doing one SGD step per row of idx, an (s, batch_size) index tensor.
+
+    On CUDA, a chunk of exactly `chunk` steps is captured once as a CUDA graph and then replayed:
+    one launch per chunk instead of a hundred or so small kernels per step, each launched from
+    Python, which is what a small network's training costs on a GPU. The replayed kernels are
+    the eager ones, in the same order, so the results are the same (bit for bit where the
+    kernels are deterministic). Capture runs three warm-up steps first, as CUDA requires, and
+    then puts the parameters, buffers and optimizer state back as they were (plain or momentum
+    SGD). Anything else (CPU, a chunk of another length, graphs=False, another optimizer, a
+    capture that fails) runs the same steps eagerly; a failed capture warns once.
+    run.state["graph"] is the captured graph, or None.
+    """
+    graphs = cuda_graphs_wanted(x.device) if graphs is None else graphs
+    # Undoing the warm-up is exact for SGD without dampening: a momentum buffer set to zero
+    # gives the first real step buf = grad, as a fresh one does. Other optimizers: eager.
+    sgd = isinstance(opt, torch.optim.SGD) and all(g["dampening"] == 0 for g in opt.param_groups)
+    state = {"graph": None, "failed": not (graphs and sgd)}
+    static_idx = None
+
+    def capture(idx):
+        nonlocal static_idx
+        tensors = list(model.parameters()) + list(model.buffers())
+        saved = [t.detach().clone() for t in tensors]
+        static_idx = idx.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _sgd_steps(model, opt, x, y, static_idx[:3])  # warm-up: creates optimizer state
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _sgd_steps(model, opt, x, y, static_idx)
+        finally:  # undo the warm-up in place (the graph holds these addresses), even on failure
+            with torch.no_grad():
+                for t, v in zip(tensors, saved):
+                    t.copy_(v)
+                for st in opt.state.values():  # created by the warm-up: as before the first step
+                    for v in st.values():
+                        if torch.is_tensor(v):
+                            v.zero_()
+        return graph
+
+    def run(idx):
+        if state["failed"] or idx.shape[0] != chunk:
+            _sgd_steps(model, opt, x, y, idx)
+            return
+        if state["graph"] is None:
+            try:
+                state["graph"] = capture(idx)
+            except Exception as err:  # an op that cannot be captured: train eagerly
+                state["failed"] = True
+                warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); "
+                              "training without graphs", RuntimeWarning, stacklevel=2)
+                _sgd_steps(model, opt, x, y, idx)
+                return
+        static_idx.copy_(idx)
+        state["graph"].replay()
+
+    run.state = state
+    return run
 
 
 def train(model, x, y, steps, batch_size, lr, seed=0, sgd_momentum=0.9, lr_fn=None, callback=None,
