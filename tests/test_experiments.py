@@ -346,3 +346,16 @@ def test_cuda_graph_replay_trains_like_eager_steps():
         # Same kernels in the same order; cuBLAS may pick another algorithm under capture, so
         # float32 rounding (a few ulps per step over 23 steps) rather than bitwise equality.
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mnist1d_is_generated_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from bnlib.experiments import common
+    monkeypatch.setenv("BNLIB_CACHE_DIR", str(tmp_path))
+    first = common.load_dataset("mnist1d", seed=3, num_samples=300)
+    (cached,) = (tmp_path / "mnist1d").iterdir()
+    assert "seed3-n300" in cached.name and cached.suffix == ".npz"
+    import mnist1d.data
+    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: pytest.fail("regenerated"))
+    again = common.load_dataset("mnist1d", seed=3, num_samples=300)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not list((tmp_path / "mnist1d").glob("*.tmp*"))       # no partial file left

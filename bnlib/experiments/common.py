@@ -194,6 +194,42 @@ def load_results(path):
 
 # --- offline data --------------------------------------------------------------------------
 
+def cache_dir():
+    """$BNLIB_CACHE_DIR, else $XDG_CACHE_HOME/bnlib, else ~/.cache/bnlib."""
+    return Path(os.environ.get("BNLIB_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlib")
+
+
+def _mnist1d(seed, num_samples):
+    """MNIST-1D's signals and labels (train then test), generated, or read from the cache.
+
+    The cache file is named by everything the generator depends on (the mnist1d version, the
+    seed and the sample count), and written whole under a temporary name first, so a run killed
+    while writing leaves no partial file behind.
+    """
+    from importlib.metadata import version
+    from mnist1d.data import get_dataset_args, make_dataset
+    args = get_dataset_args()
+    args.seed = seed
+    if num_samples is not None:
+        args.num_samples = num_samples
+    path = cache_dir() / "mnist1d" / f"v{version('mnist1d')}-seed{seed}-n{args.num_samples}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return f["x"], f["y"]
+    data = make_dataset(args)
+    x = np.concatenate([data["x"], data["x_test"]])
+    y = np.concatenate([data["y"], data["y_test"]])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: generate again next time
+        pass
+    return x, y
+
+
 DATASETS = ("digits", "mnist1d")
 
 
@@ -202,21 +238,16 @@ def load_dataset(name="digits", seed=0, device="cpu", test_fraction=0.25, num_sa
 
     digits: scikit-learn's 1,797 handwritten 8x8 digits (64 features, 10 classes).
     mnist1d: MNIST-1D (Greydanus 2020), generated locally by the mnist1d package (40 features,
-    10 classes); num_samples sets how many are generated (default 5,000).
+    10 classes); num_samples sets how many are generated (default 5,000). Generating is slow
+    (about 50 s for the full profile's 70,000 on one CPU core), so each set is generated once
+    per machine and cached (see _mnist1d).
     Returns (x_train, y_train, x_test, y_test).
     """
     if name == "digits":
         from sklearn.datasets import load_digits
         x, y = load_digits(return_X_y=True)
     elif name == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-        args = get_dataset_args()
-        args.seed = seed
-        if num_samples is not None:
-            args.num_samples = num_samples
-        data = make_dataset(args)
-        x = np.concatenate([data["x"], data["x_test"]])
-        y = np.concatenate([data["y"], data["y_test"]])
+        x, y = _mnist1d(seed, num_samples)
     else:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
     rng = np.random.default_rng(seed)

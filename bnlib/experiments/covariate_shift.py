@@ -1,5 +1,6 @@
 """Figure 1 of Ioffe & Szegedy (2015): a sigmoid MLP with and without BN, accuracy and one
 last-hidden-layer sigmoid input's 15th/50th/85th percentiles over training."""
+import time
 from pathlib import Path
 
 import torch
@@ -87,10 +88,16 @@ def band_width(pct, start_fraction=0.1):
 
 
 def run(cfg, device, seed, progress=False):
+    """Both variants; "seconds" splits the wall time into data (generated or cached) and each
+    variant's training with its records (which end in a copy to the host, so GPU work is done)."""
+    start = time.perf_counter()
     data = load_dataset(cfg["dataset"], seed=seed, device=device, num_samples=cfg["num_samples"])
-    out = {"percentiles_q": list(QS), "n_train": len(data[0]), "n_test": len(data[2])}
+    out = {"percentiles_q": list(QS), "n_train": len(data[0]), "n_test": len(data[2]),
+           "seconds": {"data": time.perf_counter() - start}}
     for norm in VARIANTS:
+        start = time.perf_counter()
         out[norm], out["steps"] = train_variant(norm, data, cfg, device, seed, progress)
+        out["seconds"][norm] = time.perf_counter() - start
     return out
 
 
