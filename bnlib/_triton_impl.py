@@ -236,11 +236,12 @@ def grad_sums_planes(dy_ptr, x_ptr, mean_ptr, lo_ptr, part_ptr, N, C, S, n_per_s
 
 
 @triton.jit
-def finalize_grad(part_ptr, splits, C, m, w_ptr, invstd_ptr, dw_ptr, db_ptr, coef_ptr,
-                  HAS_W: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dl/dgamma = sum(dy x_hat), dl/dbeta = sum(dy), and dx's coefficients per channel:
-    dx = g dy + k (x - mean) + c with g = gamma invstd, k = -g invstd sum(dy x_hat) / m and
-    c = -g sum(dy) / m (the compact form with x_hat = (x - mean) invstd)."""
+def finalize_grad(part_ptr, splits, C, m, w_ptr, invstd_ptr, dw_ptr, db_ptr,
+                  coef_ptr, HAS_W: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """dl/dgamma = sum(dy x_hat), dl/dbeta = sum(dy), and per channel the coefficients
+    of dx = g dy + k (x - mean) + c: g = gamma invstd, k = -g invstd sum(dy x_hat) / m,
+    c = -g sum(dy) / m (the compact form, with x_hat = (x - mean) invstd)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     s_dy = tl.zeros([BLOCK_C], tl.float32)
