@@ -11,8 +11,10 @@ coefficients. (3) One elementwise pass: y, or dx.
 
 Accuracy at a large common offset (x = 1e4 + N(0, 1) in float32): the forward's partials are
 Welford-style (count, mean, sum of squared deviations) of x - p, p being the channel's first
-value, merged with Chan et al.'s pairwise formula, so nothing cancels as E[x^2] - E[x]^2 would and
-the partial means round at the scale of the spread, not of the offset. The mean is then kept as
+value, built tile by tile with Chan et al.'s pairwise update and merged across slices by the
+exact k-way formula (the mean, then M2 = sum of M2_i + n_i (mean_i - mean)^2), so nothing
+cancels as E[x^2] - E[x]^2 would and the partial means round at the scale of the spread, not of
+the offset. The mean is then kept as
 two float32 numbers, hi + lo (hi rounded, lo the rounding error), and every x - mean is formed as
 (x - hi) - lo, where x - hi is exact (Sterbenz): a float32 mean alone would be off by up to half
 an ulp of the offset (5e-4 at 1e4), an error every normalised value would carry.
@@ -54,7 +56,7 @@ def stats_rows(x_ptr, part_ptr, M, C, rows_per_split, splits,
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # row 0
-    row0 = ps * rows_per_split
+    row0 = ps.to(tl.int64) * rows_per_split  # int64: m may come close to 2^31
     row_end = tl.minimum(row0 + rows_per_split, M)
     n = 0.0
     mean = tl.zeros([BLOCK_C], tl.float32)
@@ -170,7 +172,7 @@ def normalize(x_ptr, y_ptr, mean_ptr, lo_ptr, scale_ptr, b_ptr, numel, C, DIV,
     """y = ((x - hi) - lo) * scale + beta per channel; element i is in channel (i // DIV) % C."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
-    c = (i // DIV) % C
+    c = (i.to(tl.int32) // DIV) % C  # int32 is exact for the unmasked i (numel < 2^31)
     x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
     hi = tl.load(mean_ptr + c, mask=mask, other=0.0)
     lo = tl.load(lo_ptr + c, mask=mask, other=0.0)
@@ -190,7 +192,7 @@ def grad_sums_rows(dy_ptr, x_ptr, mean_ptr, lo_ptr, part_ptr, M, C, rows_per_spl
     cmask = cols < C
     hi = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)
-    row0 = ps * rows_per_split
+    row0 = ps.to(tl.int64) * rows_per_split  # int64: m may come close to 2^31
     row_end = tl.minimum(row0 + rows_per_split, M)
     s_dy = tl.zeros([BLOCK_C], tl.float32)
     s_dyx = tl.zeros([BLOCK_C], tl.float32)
@@ -217,8 +219,8 @@ def grad_sums_planes(dy_ptr, x_ptr, mean_ptr, lo_ptr, part_ptr, N, C, S, n_per_s
     lo = tl.load(lo_ptr + c + one)
     n0 = ps * n_per_split
     n_end = tl.minimum(n0 + n_per_split, N)
-    s_dy = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
-    s_dyx = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    s_dy = tl.zeros([1], tl.float32)
+    s_dyx = tl.zeros([1], tl.float32)
     for nb in range(n0, n0 + n_per_split, BLOCK_N):  # images past n_end are masked
         ns = nb + tl.arange(0, BLOCK_N)
         base = (ns.to(tl.int64) * C + c) * S
@@ -228,11 +230,13 @@ def grad_sums_planes(dy_ptr, x_ptr, mean_ptr, lo_ptr, part_ptr, N, C, S, n_per_s
             offs = base[:, None] + ss[None, :]
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            s_dy += dy
-            s_dyx += dy * tl.where(mask, (x - hi[:, None]) - lo[:, None], 0.0)
+            dyx = dy * tl.where(mask, (x - hi[:, None]) - lo[:, None], 0.0)
+            # each tile reduced at once: two running sums, not two tiles of registers
+            s_dy += tl.sum(tl.reshape(dy, [BLOCK_N * BLOCK_S, 1]), 0)
+            s_dyx += tl.sum(tl.reshape(dyx, [BLOCK_N * BLOCK_S, 1]), 0)
     out = ps * C + c + one
-    tl.store(part_ptr + out, tl.sum(tl.reshape(s_dy, [BLOCK_N * BLOCK_S, 1]), 0))
-    tl.store(part_ptr + splits * C + out, tl.sum(tl.reshape(s_dyx, [BLOCK_N * BLOCK_S, 1]), 0))
+    tl.store(part_ptr + out, s_dy)
+    tl.store(part_ptr + splits * C + out, s_dyx)
 
 
 @triton.jit
@@ -270,7 +274,7 @@ def grad_input(dy_ptr, x_ptr, dx_ptr, mean_ptr, lo_ptr, coef_ptr, numel, C, DIV,
     """dx = g dy + k ((x - hi) - lo) + c per channel; element i is in channel (i // DIV) % C."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
-    c = (i // DIV) % C
+    c = (i.to(tl.int32) // DIV) % C  # int32 is exact for the unmasked i (numel < 2^31)
     dy = tl.load(dy_ptr + i, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
     hi = tl.load(mean_ptr + c, mask=mask, other=0.0)

@@ -158,12 +158,22 @@ def _or(t, placeholder):
     return placeholder if t is None else t
 
 
+def _on_device(x):
+    """Triton launches on the current CUDA device: make it x's for the block."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(x, weight, bias, running_mean, running_var, momentum, eps):
     """Training forward: (y, mean, invstd, mean_lo); running statistics updated in place if given.
 
     mean is the float32 mean rounded, mean_lo its rounding error (see bnlib/_triton_impl.py):
     backward takes both.
     """
+    with _on_device(x):
+        return _forward(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def _forward(x, weight, bias, running_mean, running_var, momentum, eps):
     c = x.shape[1]
     m = x.numel() // c
     running_updated = False
@@ -198,6 +208,11 @@ def forward(x, weight, bias, running_mean, running_var, momentum, eps):
 
 def backward(dy, x, weight, mean, invstd, mean_lo, need_dx=True):
     """Compact backward: (dx or None, dl/dgamma, dl/dbeta), the last two in float32."""
+    with _on_device(x):
+        return _backward(dy, x, weight, mean, invstd, mean_lo, need_dx)
+
+
+def _backward(dy, x, weight, mean, invstd, mean_lo, need_dx):
     try:
         if dy.stride() != x.stride() or dy.dtype != x.dtype:
             dy = torch.empty_like(x).copy_(dy)  # the kernels index dy exactly as x

@@ -295,8 +295,9 @@ def test_chunk_runner_on_a_cpu_is_the_plain_step_loop():
 
 
 def test_a_failed_capture_undoes_its_warm_up_and_trains_eagerly(monkeypatch):
-    """Capture runs three real warm-up steps before it can fail; they must leave no trace. Here
-    CUDA's stream and graph calls are stand-ins (this runs on a CPU) and the capture raises."""
+    """Capture runs three real warm-up steps before it can fail; they must leave no trace, in
+    the parameters or in the optimizer's momentum buffers that existed before. Here CUDA's
+    stream and graph calls are stand-ins (this runs on a CPU) and the capture raises."""
     import contextlib
 
     class Stream:
@@ -318,12 +319,13 @@ def test_a_failed_capture_undoes_its_warm_up_and_trains_eagerly(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", failing_capture)
     model, opt, x, y, batches = _tiny_training()
     run = train_mod.chunk_runner(model, opt, x, y, chunk=10, graphs=True)
+    run(batches[:3])                     # a short chunk runs eagerly: momentum buffers exist now
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
-        run(batches[:10])
-    run(batches[10:20])
+        run(batches[3:13])               # warm-up steps, then the capture fails
+    run(batches[13:23])
     assert run.state["failed"] and run.state["graph"] is None
     ref_model, ref_opt, *_ = _tiny_training()
-    _plain_loop(ref_model, ref_opt, x, y, batches[:20])
+    _plain_loop(ref_model, ref_opt, x, y, batches)
     for a, b in zip(_state(model), _state(ref_model)):
         assert torch.equal(a, b)
 

@@ -90,6 +90,9 @@ def chunk_runner(model, opt, x, y, chunk, graphs=None):
     SGD). Anything else (CPU, a chunk of another length, graphs=False, another optimizer, a
     capture that fails) runs the same steps eagerly; a failed capture warns once.
     run.state["graph"] is the captured graph, or None.
+    What a graph fixes at capture: the learning rate (later changes to opt.param_groups are not
+    seen), the batch size (idx of another width fails), and any random draws (a stochastic
+    layer replays the same noise: use graphs=False for one).
     """
     graphs = cuda_graphs_wanted(x.device) if graphs is None else graphs
     # Undoing the warm-up is exact for SGD without dampening: a momentum buffer set to zero
@@ -102,6 +105,9 @@ def chunk_runner(model, opt, x, y, chunk, graphs=None):
         nonlocal static_idx
         tensors = list(model.parameters()) + list(model.buffers())
         saved = [t.detach().clone() for t in tensors]
+        # The optimizer's state as it is (empty before the first step, momentum buffers after).
+        saved_state = {id(v): v.detach().clone() for st in opt.state.values()
+                       for v in st.values() if torch.is_tensor(v)}
         static_idx = idx.clone()
         try:
             side = torch.cuda.Stream()
@@ -116,9 +122,13 @@ def chunk_runner(model, opt, x, y, chunk, graphs=None):
             with torch.no_grad():
                 for t, v in zip(tensors, saved):
                     t.copy_(v)
-                for st in opt.state.values():  # created by the warm-up: as before the first step
+                for st in opt.state.values():
                     for v in st.values():
-                        if torch.is_tensor(v):
+                        if not torch.is_tensor(v):
+                            continue
+                        if id(v) in saved_state:  # as it was before the warm-up
+                            v.copy_(saved_state[id(v)])
+                        else:                     # created by the warm-up: as if never made
                             v.zero_()
         return graph
 
