@@ -41,6 +41,8 @@ def bnlib_path(x, *params):
     if x.device.type == "cuda" and _triton_kernel.usable(x, *params):
         return "triton"
     return "composed"
+
+
 # A case whose slowest function takes longer than this per call gets fewer repeats (>= 3).
 MAX_SECONDS_PER_CASE = 10.0
 MIN_REPEATS = 3

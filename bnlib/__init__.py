@@ -19,3 +19,12 @@ def default_device():
     """'cuda' when a GPU is available, else 'cpu': nothing in bnlib requires a GPU."""
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir():
+    """Where bnlib keeps what it builds or generates once per machine (the compiled CPU kernel,
+    MNIST-1D): $BNLIB_CACHE_DIR, else $XDG_CACHE_HOME/bnlib, else ~/.cache/bnlib."""
+    import os
+    from pathlib import Path
+    return Path(os.environ.get("BNLIB_CACHE_DIR")
+                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlib")

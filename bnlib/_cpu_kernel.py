@@ -50,8 +50,8 @@ def _compile_flags():
 def build_directory():
     """Per torch version, Python version and CPU, so an upgrade or another machine sharing the
     cache rebuilds instead of loading a binary made for something else."""
-    root = os.environ.get("BNLIB_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bnlib")
+    from bnlib import cache_dir
+    root = str(cache_dir())
     cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:8]
     tag = (f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}"
            f"{sys.version_info[1]}-{platform.machine()}-{cpu}")

@@ -194,12 +194,6 @@ def load_results(path):
 
 # --- offline data --------------------------------------------------------------------------
 
-def cache_dir():
-    """$BNLIB_CACHE_DIR, else $XDG_CACHE_HOME/bnlib, else ~/.cache/bnlib."""
-    return Path(os.environ.get("BNLIB_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlib")
-
-
 def _mnist1d(seed, num_samples):
     """MNIST-1D's signals and labels (train then test), generated, or read from the cache.
 
@@ -209,6 +203,7 @@ def _mnist1d(seed, num_samples):
     """
     from importlib.metadata import version
     from mnist1d.data import get_dataset_args, make_dataset
+    from bnlib import cache_dir
     args = get_dataset_args()
     args.seed = seed
     if num_samples is not None:
