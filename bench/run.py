@@ -34,15 +34,6 @@ def triton_takes(x, *params):
         return _triton_kernel.usable(x, *params)
 
 
-def bnlib_path(x, *params):
-    """Which path bnlib.functional's default takes for this case."""
-    if _cpu_kernel.usable(x, *params):
-        return "cpu kernel"
-    if x.device.type == "cuda" and _triton_kernel.usable(x, *params):
-        return "triton"
-    return "composed"
-
-
 # A case whose slowest function takes longer than this per call gets fewer repeats (>= 3).
 MAX_SECONDS_PER_CASE = 10.0
 MIN_REPEATS = 3
@@ -87,7 +78,7 @@ def run_torch_case(case, device, repeats, warmup=1):
     Triton path is timed as well ("bnlib_triton"), so each one's effect is measured in one run.
     """
     x, dy, w, b, rm, rv = torch_inputs(case, device)
-    path = bnlib_path(x, w, b, rm, rv)
+    path = BF.path_for(x, w, b, rm, rv)   # bnlib's default path for this case
 
     def step(fn, backward):
         def call():

@@ -49,6 +49,32 @@ def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def _slice(ps, per_split, total):
+    """Start and end (int64: m may come close to 2^31) of slice ps of range(total)."""
+    start = ps.to(tl.int64) * per_split
+    return start, tl.minimum(start + per_split, total)
+
+
+@triton.jit
+def _row_tile(r, row_end, cols, cmask, C, BLOCK_M: tl.constexpr):
+    """Offsets and mask of rows [r, r + BLOCK_M) by cols of row-major (M, C) memory; rows from
+    row_end on are masked."""
+    rows = r + tl.arange(0, BLOCK_M)
+    mask = (rows < row_end)[:, None] & cmask[None, :]
+    return rows[:, None].to(tl.int64) * C + cols[None, :], mask
+
+
+@triton.jit
+def _plane_tile(nb, n_end, sb, c, C, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of images [nb, nb + BLOCK_N) by positions [sb, sb + BLOCK_S) of channel
+    c in channel-major (N, C, S) memory; images from n_end and positions from S on are masked."""
+    ns = nb + tl.arange(0, BLOCK_N)
+    ss = sb + tl.arange(0, BLOCK_S)
+    mask = (ns < n_end)[:, None] & (ss < S)[None, :]
+    return ((ns.to(tl.int64) * C + c) * S)[:, None] + ss[None, :], mask
+
+
+@triton.jit
 def stats_rows(x_ptr, part_ptr, M, C, rows_per_split, splits,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Partial (count, mean, M2) of x - p for channels [pc*BLOCK_C, ...) over one slice of rows."""
@@ -56,15 +82,12 @@ def stats_rows(x_ptr, part_ptr, M, C, rows_per_split, splits,
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # row 0
-    row0 = ps.to(tl.int64) * rows_per_split  # int64: m may come close to 2^31
-    row_end = tl.minimum(row0 + rows_per_split, M)
+    row0, row_end = _slice(ps, rows_per_split, M)
     n = 0.0
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for r in range(row0, row0 + rows_per_split, BLOCK_M):  # rows past row_end are masked
-        rows = r + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        offs, mask = _row_tile(r, row_end, cols, cmask, C, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, x - pivot[None, :], 0.0)
         n_t = tl.maximum(tl.minimum(row_end - r, BLOCK_M), 0).to(tl.float32)
@@ -82,18 +105,14 @@ def stats_planes(x_ptr, part_ptr, N, C, S, n_per_split, splits,
     """Partial (count, mean, M2) of x - p for channel c over the planes of one slice of the batch."""
     c, ps = tl.program_id(0), tl.program_id(1)
     pivot = tl.load(x_ptr + c * S + tl.arange(0, 1)).to(tl.float32)  # image 0, position 0
-    n0 = ps * n_per_split
-    n_end = tl.minimum(n0 + n_per_split, N)
+    n0, n_end = _slice(ps, n_per_split, N)
     n = 0.0
     mean = tl.zeros([1], tl.float32)
     m2 = tl.zeros([1], tl.float32)
     for nb in range(n0, n0 + n_per_split, BLOCK_N):  # images past n_end are masked
-        ns = nb + tl.arange(0, BLOCK_N)
-        base = (ns.to(tl.int64) * C + c) * S
         for sb in range(0, S, BLOCK_S):
-            ss = sb + tl.arange(0, BLOCK_S)
-            mask = (ns < n_end)[:, None] & (ss < S)[None, :]
-            x = tl.load(x_ptr + base[:, None] + ss[None, :], mask=mask, other=0.0).to(tl.float32)
+            offs, mask = _plane_tile(nb, n_end, sb, c, C, S, BLOCK_N, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.where(mask, x - pivot[:, None], 0.0)
             # one column of BLOCK_N * BLOCK_S values, so _tile_moments reduces the whole tile
             x = tl.reshape(x, [BLOCK_N * BLOCK_S, 1])
@@ -192,14 +211,11 @@ def grad_sums_rows(dy_ptr, x_ptr, mean_ptr, lo_ptr, part_ptr, M, C, rows_per_spl
     cmask = cols < C
     hi = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     lo = tl.load(lo_ptr + cols, mask=cmask, other=0.0)
-    row0 = ps.to(tl.int64) * rows_per_split  # int64: m may come close to 2^31
-    row_end = tl.minimum(row0 + rows_per_split, M)
+    row0, row_end = _slice(ps, rows_per_split, M)
     s_dy = tl.zeros([BLOCK_C], tl.float32)
     s_dyx = tl.zeros([BLOCK_C], tl.float32)
     for r in range(row0, row0 + rows_per_split, BLOCK_M):  # rows past row_end are masked
-        rows = r + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        offs, mask = _row_tile(r, row_end, cols, cmask, C, BLOCK_M)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         s_dy += tl.sum(dy, 0)
@@ -217,17 +233,12 @@ def grad_sums_planes(dy_ptr, x_ptr, mean_ptr, lo_ptr, part_ptr, N, C, S, n_per_s
     one = tl.arange(0, 1)
     hi = tl.load(mean_ptr + c + one)
     lo = tl.load(lo_ptr + c + one)
-    n0 = ps * n_per_split
-    n_end = tl.minimum(n0 + n_per_split, N)
+    n0, n_end = _slice(ps, n_per_split, N)
     s_dy = tl.zeros([1], tl.float32)
     s_dyx = tl.zeros([1], tl.float32)
     for nb in range(n0, n0 + n_per_split, BLOCK_N):  # images past n_end are masked
-        ns = nb + tl.arange(0, BLOCK_N)
-        base = (ns.to(tl.int64) * C + c) * S
         for sb in range(0, S, BLOCK_S):
-            ss = sb + tl.arange(0, BLOCK_S)
-            mask = (ns < n_end)[:, None] & (ss < S)[None, :]
-            offs = base[:, None] + ss[None, :]
+            offs, mask = _plane_tile(nb, n_end, sb, c, C, S, BLOCK_N, BLOCK_S)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dyx = dy * tl.where(mask, (x - hi[:, None]) - lo[:, None], 0.0)

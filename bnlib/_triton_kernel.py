@@ -82,6 +82,26 @@ def status():
     return _status["error"] or "not loaded yet"
 
 
+def _major_minor(v):
+    return tuple(int(part) for part in v.split(".")[:2])
+
+
+def interpreter_problem():
+    """Why Triton's interpreter cannot run the kernels on CPU tensors here, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:
+        return "triton is not installed"
+    import numpy as np
+    # NumPy 2.4 made int() of a one-element array an error, which the interpreter's loops
+    # relied on before Triton 3.9.
+    if _major_minor(triton_version) < (3, 9) and _major_minor(np.__version__) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter needs NumPy < 2.4, "
+                f"not {np.__version__} (Triton >= 3.9 works)")
+    return None
+
+
 def layout(x):
     """'rows' (channel innermost), 'planes' (channel-major contiguous) or None (any other)."""
     spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
@@ -134,9 +154,9 @@ def _plan(x):
     return "planes", (c, splits), (n, c, s, per, splits), dict(BLOCK_N=block_n, BLOCK_S=block_s)
 
 
-def _channel_divisor(x):
-    """Element i of x's memory is in channel (i // divisor) % C."""
-    return 1 if layout(x) == "rows" else x.numel() // (x.shape[0] * x.shape[1])
+def _channel_divisor(kind, x):
+    """Element i of x's memory (in layout `kind`, from _plan) is in channel (i // divisor) % C."""
+    return 1 if kind == "rows" else x.numel() // (x.shape[0] * x.shape[1])
 
 
 def _finalize_meta(c, splits):
@@ -186,7 +206,7 @@ def _forward(x, weight, bias, running_mean, running_var, momentum, eps):
         stats[grid](x, part, *args, **meta)
         mean, lo, invstd, scale = (torch.empty(c, **f32) for _ in range(4))
         fmeta = _finalize_meta(c, splits)
-        div = _channel_divisor(x)
+        div = _channel_divisor(kind, x)
         _impl.finalize_stats[(_cdiv(c, fmeta["BLOCK_C"]),)](
             part, x, splits, c, div, float(m), float(eps), float(momentum), m / max(m - 1, 1),
             _or(weight, scale), mean, lo, invstd, scale,
@@ -235,7 +255,7 @@ def _backward(dy, x, weight, mean, invstd, mean_lo, need_dx):
             dx = torch.empty_like(x)
             numel = x.numel()
             _impl.grad_input[(_cdiv(numel, ELEMENTWISE_BLOCK),)](
-                dy, x, dx, mean, mean_lo, coef, numel, c, _channel_divisor(x),
+                dy, x, dx, mean, mean_lo, coef, numel, c, _channel_divisor(kind, x),
                 BLOCK=ELEMENTWISE_BLOCK)
     except torch.cuda.OutOfMemoryError:
         raise

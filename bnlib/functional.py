@@ -163,6 +163,16 @@ def _fast_path(x, *tensors):
             and all(t is None or t.dtype == x.dtype for t in tensors))
 
 
+def path_for(x, weight=None, bias=None, running_mean=None, running_var=None):
+    """Which path a training-mode call on these tensors takes: 'cpu kernel', 'triton' or
+    'composed' (see BatchNormFunction)."""
+    if _cpu_kernel.usable(x, weight, bias, running_mean, running_var):
+        return "cpu kernel"
+    if _triton_kernel.usable(x, weight, bias, running_mean, running_var):
+        return "triton"
+    return "composed"
+
+
 def _bump_versions(*tensors):
     """Tell autograd that tensors written by a kernel (not by a torch op) have changed."""
     for t in tensors:
@@ -210,9 +220,8 @@ class BatchNormFunction(torch.autograd.Function):
         nd = x.ndim
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.kernel = _cpu_kernel.usable(x, weight, bias, running_mean, running_var)
-        ctx.triton = not ctx.kernel and _triton_kernel.usable(x, weight, bias, running_mean,
-                                                             running_var)
+        path = path_for(x, weight, bias, running_mean, running_var)
+        ctx.kernel, ctx.triton = path == "cpu kernel", path == "triton"
         if ctx.triton:
             try:
                 y, mean, invstd, mean_lo = _triton_kernel.forward(
