@@ -33,10 +33,13 @@ def _per_channel_cases(rng, with_dy):
         gamma = rng.uniform(0.5, 2.0, size=c) * rng.choice([-1.0, 1.0], size=c)
         other = rng.normal(size=x.shape) if with_dy else rng.normal(size=c)  # dy, or beta
         cases.append(Case(name, (other, x, gamma, eps) if with_dy else (x, gamma, other, eps),
-                          R.values_per_channel(x.shape), kappa(x, R.reduce_axes(x.ndim), eps)))
+                          R.values_per_channel(x.shape), kappa(x, R.reduce_axes(x.ndim), eps),
+                          AXES_NOTE if x.ndim > 2 else ""))
     return cases
 
 
+AXES_NOTE = ("x has shape (N, C, *spatial) here: statistics and sums run over every axis but the "
+             "channel axis 1, so m = N * L or N * H * W and dgamma, dbeta have shape (C,)")
 UNBIASED = "you used the unbiased variance (divide by m - 1); Algorithm 1 divides by m"
 
 

@@ -27,6 +27,7 @@ class Case:
     args: tuple
     m: int          # values per channel
     kappa: float    # 1 + max|x| / sqrt(var + eps): how much centring x - mu_B amplifies rounding
+    note: str = ""  # a hint given when fn raises or returns the wrong shape on this case
 
     @property
     def tol(self):
@@ -80,12 +81,16 @@ def grade(exercise, fn, cases, names, signature, reference, scales, mistakes):
     worst = 0.0
     for case in cases:
         want, size = as_list(reference(*case.args)), scales(*case.args)
+        note = f"\nhint: {case.note}" if case.note else ""
         try:
             raw = fn(*(np.copy(a) if isinstance(a, np.ndarray) else a for a in case.args))
         except Exception as e:
             raise WrongAnswer(f"{exercise}: your function raised {type(e).__name__}: {e} "
-                              f"on case {case.name!r}") from e
-        got = as_outputs(raw, names, [w.shape for w in want], case)
+                              f"on case {case.name!r}{note}") from e
+        try:
+            got = as_outputs(raw, names, [w.shape for w in want], case)
+        except ValueError as e:
+            raise ValueError(f"{e}{note}") from None
         errs = errors(got, want, size)
         bad = [(n, e) for n, e in zip(names, errs) if not e <= case.tol]
         if not bad:

@@ -151,3 +151,13 @@ def test_an_exception_in_the_readers_function_is_reported_with_its_case():
         raise ZeroDivisionError("oops")
     with pytest.raises(WrongAnswer, match=r"raised ZeroDivisionError: oops on case 'm = 2'"):
         check_jacobian(broken)
+
+
+def test_a_2d_only_backward_is_told_about_the_channel_axis_on_the_3d_case():
+    def rows_only(dy, x, gamma, eps):  # written for (m, C): statistics over axis 0
+        x_hat = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + eps)
+        a = gamma / np.sqrt(x.var(axis=0) + eps)
+        dgamma, dbeta = (dy * x_hat).sum(axis=0), dy.sum(axis=0)
+        return a * (dy - dbeta / len(x) - x_hat * dgamma / len(x)), dgamma, dbeta
+    with pytest.raises(WrongAnswer, match=r"(?s)on case '\(N, C, L\) = \(4, 3, 5\)'.*every axis but"):
+        check_backward(rows_only)
