@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnlib import functional
-from bnlib._checks import check_eps, check_momentum
+from bnlib.checks import check_eps, check_momentum
 
 
 class _BatchNorm(nn.Module):

@@ -10,21 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnlib._checks import (check_batch_for_training, check_channel_param, check_eps,
-                           check_input_shape, check_momentum, values_per_channel)
+from bnlib.checks import (check_batch_for_training, check_channel_param, check_eps,
+                          check_input_shape, check_momentum, per_channel, reduce_axes,
+                          values_per_channel)
 
 
-# --- shapes and checks -------------------------------------------------------------------
-
-def reduce_axes(ndim):
-    """Every axis but the channel axis 1."""
-    return (0,) + tuple(range(2, ndim))
-
-
-def per_channel(v, ndim):
-    """Reshape a (C,) vector so that it broadcasts along axis 1 of an ndim-array."""
-    return np.reshape(v, (1, -1) + (1,) * (ndim - 2))
-
+# --- checks ------------------------------------------------------------------------------
 
 def _as_float_array(a, name):
     a = np.asarray(a)
