@@ -161,6 +161,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     training=True: normalize with the batch's mean and biased variance; if running stats are
     given, update them in place: r <- (1 - momentum) r + momentum * batch_stat, with the
     unbiased (m/(m-1)) batch variance. training=False: Algorithm 2 with the running stats.
+    Book: book/derivations/transform.ipynb
     """
     check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     nd = input.ndim
