@@ -1,4 +1,10 @@
-"""One matplotlib style for every figure in the book: PNG, labelled axes, fixed colours per variant."""
+"""One matplotlib style for every figure in the book: PNG, labelled axes, fixed colours per variant.
+
+Library code draws under `style()` (a context: nothing global changes); a chapter that draws
+its own figures calls `use_style()` once.
+"""
+import contextlib
+
 import matplotlib
 import matplotlib.pyplot as plt
 
@@ -30,8 +36,15 @@ STYLE = {
 }
 
 
+@contextlib.contextmanager
+def style():
+    """The book's style within the block only (matplotlib's rcParams restored after it)."""
+    with plt.rc_context(STYLE):
+        yield
+
+
 def use_style():
-    """Apply the book's style globally (chapters call this once)."""
+    """Apply the book's style globally: for chapters, never called by bnlib itself."""
     plt.rcParams.update(STYLE)
     try:  # inline figures in notebooks as PNG
         from matplotlib_inline.backend_inline import set_matplotlib_formats
@@ -42,7 +55,7 @@ def use_style():
 
 def subplots(nrows=1, ncols=1, **kwargs):
     """plt.subplots under the book's style."""
-    with plt.rc_context(STYLE):
+    with style():
         return plt.subplots(nrows, ncols, **kwargs)
 
 
@@ -60,9 +73,18 @@ def save(fig, path):
     path = str(path)
     if not path.endswith(".png"):
         raise ValueError(f"path must end in .png (figures are PNG), got {path!r}")
-    with plt.rc_context(STYLE):  # the style's savefig settings, also outside a chapter
+    with style():  # the style's savefig settings, also outside a chapter
         fig.savefig(path, format="png", metadata={"Software": None})
     return path
+
+
+def png(fig):
+    """The figure as PNG bytes, exactly as save() writes it."""
+    import io
+    buf = io.BytesIO()
+    with style():
+        fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
 
 
 def ticks_at(ax, values):

@@ -1,66 +1,25 @@
-"""recorded_file: recorded results come from the checkout, or from the repository on Colab."""
-import io
-import urllib.error
-import urllib.request
+"""The recorded full-profile runs in book/results/: complete, named by profile and part, and
+drawn by the current figures() exactly as stored."""
+import json
 from pathlib import Path
 
-import yaml
+import matplotlib
+import matplotlib.pyplot as plt
+from PIL import Image
 
-from bnlib.experiments import common
+from bnlib import plotting
+from bnlib.experiments import EXPERIMENTS
+from bnlib.experiments.runner import draw, figure_path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The matplotlib that drew book/results/*.png. Another version renders text a little
+# differently, so the byte-for-byte check below holds for this one; elsewhere the sizes must.
+DRAWN_WITH = "3.11.2"
 
 
-def test_repository_matches_the_book_config():
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    assert (common.REPOSITORY, common.BRANCH) == (config["repository"]["url"],
-                                                  config["repository"]["branch"])
-
-
-def test_found_in_the_checkout_from_a_chapter_folder():
-    found = common.recorded_file("bench/results/cpu.json", start=ROOT / "book" / "experiments")
-    assert found == ROOT / "bench" / "results" / "cpu.json"
-
-
-def test_absent_from_the_checkout_is_none_without_touching_the_network(monkeypatch):
-    def no_network(url, timeout):
-        raise AssertionError(f"fetched {url} from inside a checkout")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    start = ROOT / "book" / "experiments"
-    assert common.recorded_file("book/results/no-such-run.json", start=start) is None
-
-
-def test_downloaded_once_into_the_cache_outside_a_checkout(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    urls = []
-
-    def fake_urlopen(url, timeout):
-        urls.append(url)
-        return io.BytesIO(b'{"ok": 1}')
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    for _ in range(2):
-        path = common.recorded_file("bench/results/cuda.json", start=tmp_path)
-        assert path.read_bytes() == b'{"ok": 1}'
-    assert urls == ["https://raw.githubusercontent.com/bnbook/batchnorm-book/main/bench/results/cuda.json"]
-
-
-def test_none_when_neither_has_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-    def no_network(url, timeout):
-        raise urllib.error.URLError("offline")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    assert common.recorded_file("bench/results/cuda.json", start=tmp_path) is None
-    assert not (tmp_path / "home" / ".cache" / "bnlib" / "bench" / "results" / "cuda.json").exists()
-
-
-def test_recorded_runs_list_their_figures_by_relative_paths_that_exist_and_name_the_profile():
-    import json
+def test_one_recorded_run_per_experiment_with_relative_profile_named_figures():
     runs = sorted((ROOT / "book" / "results").glob("*-full.json"))
-    assert len(runs) == 5  # one recorded full run per experiment chapter
+    assert [p.name for p in runs] == sorted(f"{name}-full.json" for name in EXPERIMENTS)
     for path in runs:
         run = json.loads(path.read_text())
         assert run["json_path"] == f"book/results/{path.name}"
@@ -69,17 +28,22 @@ def test_recorded_runs_list_their_figures_by_relative_paths_that_exist_and_name_
             # Relative to the repository, present, and named after the profile, so that a quick
             # run written to the same folder cannot overwrite a recorded full run's figure.
             assert not Path(fig).is_absolute() and (ROOT / fig).is_file(), fig
-            assert Path(fig).name.startswith(f"{run['experiment']}-{run['profile']}"), fig
+            assert Path(fig).name.startswith(f"{run['experiment']}-{run['profile']}-"), fig
 
 
-def test_quick_and_full_figures_have_different_names(tmp_path):
-    import importlib
-    import json
-
-    from bnlib.experiments import EXPERIMENTS
-    for name, module_name in EXPERIMENTS.items():
+def test_recorded_figures_are_what_the_current_code_draws_from_the_json():
+    # Every part the code draws is a stored file, and the stored PNG is the drawing byte for byte
+    # (a change to a figure function must re-draw the recorded figures: runner.save_figures).
+    for name in EXPERIMENTS:
         run = json.loads((ROOT / "book" / "results" / f"{name}-full.json").read_text())
-        plot = importlib.import_module(module_name).plot
-        quick = plot({**run, "profile": "quick"}, tmp_path)
-        full = plot(run, tmp_path)
-        assert quick and full and not set(map(str, quick)) & set(map(str, full)), name
+        figs = draw(run)
+        paths = [str(figure_path("book/results", run, part)) for part in figs]
+        assert paths == run["figures"], name
+        for part, fig in figs.items():
+            drawn, stored = plotting.png(fig), (ROOT / figure_path("book/results", run, part))
+            plt.close(fig)
+            if matplotlib.__version__ == DRAWN_WITH:
+                assert drawn == stored.read_bytes(), (name, part)
+            else:
+                import io
+                assert Image.open(io.BytesIO(drawn)).size == Image.open(stored).size, (name, part)

@@ -177,3 +177,20 @@ def test_whitening_matches_autograd_and_is_dense():
     cross = np.add.outer(np.arange(6) % 2, np.arange(6) % 2) == 1
     assert np.all(j_bn[cross] == 0)
     assert np.all(np.abs(j_sym[cross]) > 1e-6)
+
+
+def test_latex_general_writes_the_books_notation_and_keeps_the_expression():
+    from bnlib.symbolic.general import latex_general
+    g = _general()
+    shown = {k: latex_general(v, g) for k, v in g.chain.items()}
+    shown["difference_any_mu"] = latex_general(g.difference_any_mu, g)
+    for text in shown.values():
+        # sums over the batch run from 1 to m, as in the text; no 0-based limits, no roman B
+        assert "=0}" not in text and "m - 1" not in text and "_{B}" not in text, text
+        assert "{dy}_" not in text and " {x}_" not in text, text  # SymPy's IndexedBase braces
+    assert shown["dl_dbeta"] == r"\sum_{i=1}^{m} dy_{i}"
+    assert shown["dl_dgamma"] == r"\sum_{i=1}^{m} dy_{i} \hat{x}_{i}"
+    assert r"\mu_\mathcal{B}" in shown["difference_any_mu"]
+    assert r"\sigma_\mathcal{B}^2" in shown["dl_dvar"] and shown["dl_dvar"].startswith(r"- \sum_{i=1}^{m}")
+    # a sum that is not over the batch's 0..m-1 keeps its own limits
+    assert latex_general(sp.Sum(g.x[g.i], (g.i, 0, g.m)), g) == r"\sum_{i=0}^{m} x_{i}"

@@ -2,13 +2,13 @@
 
     python -m bnlib.experiments NAME --profile quick|full --device auto --out DIR
 
-Each experiment module defines NAME, DESCRIPTION, DATASET, PROFILES = {"quick": {...},
-"full": {...}}, run(cfg, device, seed, progress) -> dict of metrics and plot(results, out_dir)
--> list of PNG paths. `run_experiment` wraps them: it records device, profile, seed, dataset
-and wall time, and writes NAME-PROFILE.json plus the figures.
+runner.py holds the registry and the contract every experiment module keeps (NAME,
+DESCRIPTION, PROFILES, run, figures) and does everything around a run: device, profile,
+threads, seed, the results JSON and the figure files. What the experiments share: data.py
+(offline datasets), models.py, training.py (the one SGD loop), metrics.py, bn_stats.py (probes
+of BN layers' statistics). Chapters use bnlib.chapter on top of these.
 """
-from bnlib.experiments.common import (EXPERIMENTS, default_profile, describe, load_results,
-                                      recorded_file, run_experiment)
+from bnlib.experiments.runner import (EXPERIMENTS, default_profile, describe, load_results,
+                                      run_experiment)
 
-__all__ = ["EXPERIMENTS", "default_profile", "describe", "load_results", "recorded_file",
-           "run_experiment"]
+__all__ = ["EXPERIMENTS", "default_profile", "describe", "load_results", "run_experiment"]

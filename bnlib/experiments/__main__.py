@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from bnlib.experiments.common import EXPERIMENTS, describe, run_experiment
+from bnlib.experiments.runner import EXPERIMENTS, describe, run_experiment
 
 
 def main(argv=None):

@@ -1,20 +1,21 @@
 """Figure 1 of Ioffe & Szegedy (2015): a sigmoid MLP with and without BN, accuracy and one
-last-hidden-layer sigmoid input's 15th/50th/85th percentiles over training."""
+last-hidden-layer sigmoid input's 15th/50th/85th percentiles over training.
+
+Book: book/experiments/covariate_shift.ipynb
+"""
 import time
-from pathlib import Path
 
 import torch
 from matplotlib.lines import Line2D
 
 from bnlib import plotting
-from bnlib.experiments.common import load_dataset
-from bnlib.experiments.metrics import percentiles, steps_to_reach
+from bnlib.experiments.data import load_dataset
+from bnlib.experiments.metrics import band_width, percentiles, relative_drift, steps_to_reach
 from bnlib.experiments.models import mlp
-from bnlib.experiments.train import accuracy, batch_indices, chunk_runner, progress, stack_list
+from bnlib.experiments.training import accuracy, batch_indices, stack_list, train
 
 NAME = "covariate_shift"
 DESCRIPTION = "paper Figure 1: 3x100 sigmoid MLP with/without BN, accuracy and sigmoid-input percentiles"
-DATASET = "MNIST-1D (generated locally by mnist1d)"
 VARIANTS = ("no_bn", "bn")
 QS = (15, 50, 85)
 STYLES = (":", "-", "--")  # line style of each percentile in the figure
@@ -38,7 +39,7 @@ def train_variant(norm, data, cfg, device, seed, show):
     batches = batch_indices(len(x_train), cfg["batch_size"], cfg["steps"], seed, device)
     acc, pct, steps = [], [], []
 
-    def record(step):
+    def record(step, loss):
         acc.append(accuracy(model, x_test, y_test))
         model.eval()
         with torch.no_grad():  # every last-hidden-layer unit's input over the test set
@@ -47,17 +48,10 @@ def train_variant(norm, data, cfg, device, seed, show):
         pct.append(percentiles(z, QS))  # (3, units)
         steps.append(step)
 
-    bar = progress(cfg["steps"], show, f"{NAME} {norm}")
-    record(0)
-    # The steps between two records as one chunk: on CUDA one graph replay (see chunk_runner).
-    every = cfg["eval_every"]
-    run_chunk = chunk_runner(model, opt, x_train, y_train, every)
-    for start in range(0, cfg["steps"], every):
-        stop = min(start + every, cfg["steps"])
-        run_chunk(batches[start:stop])
-        record(stop)
-        bar.update(stop - bar.n)
-    bar.close()
+    # Recorded before training and after every eval_every steps: on CUDA each chunk of steps
+    # between two records is one graph replay (see training.ChunkRunner).
+    train(model, opt, x_train, y_train, batches, every=cfg["eval_every"], hook=record,
+          show=show, desc=f"{NAME} {norm}")
     pct = torch.stack(pct)  # (records, 3, units)
     drift = relative_drift(pct)
     width = band_width(pct)
@@ -69,22 +63,6 @@ def train_variant(norm, data, cfg, device, seed, show):
             "relative_drift_median": drift.median().item(),
             "band_width_unit": width[cfg["unit"]].item(),
             "band_width_median": width.median().item()}, steps
-
-
-def relative_drift(pct, start_fraction=0.1):
-    """How far each unit's median input moves, in units of its own spread, once the first
-    start_fraction of training is over: (max - min of the 50th percentile) divided by the mean
-    85th-15th percentile width. pct: (records, 3, units) -> (units,)."""
-    late = pct[int(start_fraction * len(pct)):]
-    median = late[:, 1]
-    return (median.max(0).values - median.min(0).values) / band_width(pct, start_fraction)
-
-
-def band_width(pct, start_fraction=0.1):
-    """Each unit's mean 85th-15th percentile width once the first start_fraction of training
-    is over (the same records relative_drift divides by). pct: (records, 3, units) -> (units,)."""
-    late = pct[int(start_fraction * len(pct)):]
-    return (late[:, 2] - late[:, 0]).mean(0)
 
 
 def run(cfg, device, seed, progress=False):
@@ -101,8 +79,9 @@ def run(cfg, device, seed, progress=False):
     return out
 
 
-def figure(results):
-    """The paper's Figure 1 from results: (a) test accuracy, (b) percentiles without BN, (c) with."""
+def figures(results):
+    """The paper's Figure 1 from results, one part: (a) test accuracy, (b) percentiles without
+    BN, (c) with."""
     m = results["metrics"]
     fig, axes = plotting.subplots(1, 3, figsize=(13, 3.6))
     axes[2].sharey(axes[1])  # one scale for both bands, so that their widths compare by eye
@@ -121,13 +100,4 @@ def figure(results):
                         for q, style in zip(m["percentiles_q"], STYLES)],
                loc="outside lower center", ncols=len(STYLES))
     fig.suptitle(f"{results['profile']} profile, {results['device_name']}")
-    return fig
-
-
-def plot(results, out_dir):
-    """Write the figure as out_dir/covariate_shift-PROFILE.png; returns [path]."""
-    import matplotlib.pyplot as plt
-    fig = figure(results)
-    path = plotting.save(fig, Path(out_dir) / f"{NAME}-{results['profile']}.png")
-    plt.close(fig)
-    return [path]
+    return {"figure1": fig}

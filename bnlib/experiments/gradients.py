@@ -1,4 +1,7 @@
-"""What BN does to gradients: per-layer norms at init vs depth, lr and init-scale sweeps, effective lr."""
+"""What BN does to gradients: per-layer norms at init vs depth, lr and init-scale sweeps, effective lr.
+
+Book: book/experiments/gradients.ipynb
+"""
 import math
 
 import numpy as np
@@ -6,13 +9,13 @@ import torch
 from torch import nn
 
 from bnlib import plotting
-from bnlib.experiments.common import cpu_threads, load_dataset
+from bnlib.experiments.data import load_dataset
+from bnlib.experiments.metrics import growth_factor, log_slope
 from bnlib.experiments.models import hidden_linears, mlp
-from bnlib.experiments.train import accuracy, train
+from bnlib.experiments.training import accuracy, train_sgd
 
 NAME = "gradients"
 DESCRIPTION = "gradient norms vs depth with/without BN (Yang et al.), lr x5/x30 and init-scale sweeps"
-DATASET = "digits"
 
 # Yang et al. (2019): in a wide ReLU MLP with BN (no skip connections) at initialization the squared
 # gradient norm grows by lambda -> pi / (pi - 1) per layer backwards, in the limit of a large batch.
@@ -31,31 +34,7 @@ PROFILES = {
 }
 
 
-# --- metrics (tested) ---------------------------------------------------------------------------
-
-def growth_factor(norms, skip=0):
-    """Per-layer factor r by which norms grow from the last layer back to the first, norms[l] ~ c r^-l.
-
-    A least-squares line through log(norms) against the layer index; `skip` layers at each end are
-    left out (boundary effects of the input and the head). Returns exp(-slope).
-    """
-    norms = np.asarray(norms, dtype=np.float64)
-    if norms.ndim != 1 or np.any(norms <= 0):
-        raise ValueError("norms must be a 1-D array of positive numbers")
-    if len(norms) - 2 * skip < 2:
-        raise ValueError(f"need at least 2 layers after skipping {skip} at each end, got {len(norms)}")
-    idx = np.arange(len(norms))[skip:len(norms) - skip]
-    slope = np.polyfit(idx, np.log(norms[skip:len(norms) - skip]), 1)[0]
-    return float(np.exp(-slope))
-
-
-def log_slope(x, y):
-    """Slope of log(y) against log(x) (a power law's exponent)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if np.any(x <= 0) or np.any(y <= 0):
-        raise ValueError("x and y must be positive")
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
-
+# --- probes -------------------------------------------------------------------------------------
 
 def layer_grad_norms(model, x, y):
     """Squared Frobenius norm of the loss gradient for each hidden Linear weight, input to output."""
@@ -94,8 +73,8 @@ def _train_one(cfg, data, device, seed, bn, lr, init_scale=1.0, progress=False):
     with torch.no_grad():
         for lin in hidden_linears(model):
             lin.weight.mul_(init_scale)
-    losses = train(model, x_tr, y_tr, cfg["sweep_steps"], cfg["batch_size"], lr, seed=seed,
-                   show=progress)
+    losses = train_sgd(model, x_tr, y_tr, cfg["sweep_steps"], cfg["batch_size"], lr, seed=seed,
+                       show=progress)
     diverged = not np.isfinite(losses[-1])
     acc = 0.0 if diverged else accuracy(model.eval(), x_te, y_te).item()
     tail = losses[-20:]
@@ -135,9 +114,10 @@ def _effective_lr(cfg, data, device, seed):
     model = mlp(x_tr.shape[1], [cfg["sweep_width"]] * cfg["sweep_depth"], 10,
                 "relu", "bn", he_scale=1.0).to(device)
     lin = hidden_linears(model)[1]
-    norms = [float(lin.weight.detach().norm())]
-    train(model, x_tr, y_tr, cfg["norm_steps"], cfg["batch_size"], cfg["norm_lr"], seed=seed,
-          sgd_momentum=0.0, callback=lambda s, m, l: norms.append(float(lin.weight.detach().norm())))
+    norms = []  # before the first step, then after each
+    train_sgd(model, x_tr, y_tr, cfg["norm_steps"], cfg["batch_size"], cfg["norm_lr"],
+              momentum=0.0, seed=seed,
+              hook=lambda done, loss: norms.append(float(lin.weight.detach().norm())))
     eff = [cfg["norm_lr"] / n ** 2 for n in norms]
     return {"rescale": rows, "grad_slope": log_slope([r["scale"] for r in rows], [r["grad_norm"] for r in rows]),
             "angle_slope": log_slope([r["scale"] for r in rows], [r["angle"] for r in rows]),
@@ -148,21 +128,18 @@ def _effective_lr(cfg, data, device, seed):
 def run(cfg, device, seed, progress):
     """Gradients at init, lr and init-scale sweeps, and the effective learning rate."""
     data = load_dataset(cfg["dataset"], seed=seed, device=device)
-    with cpu_threads("cpu", threads=1):  # one torch CPU thread, whatever the device
-        lr_sweep = [_train_one(cfg, data, device, seed, bn, cfg["base_lr"] * f, progress=progress)
-                    for bn in (True, False) for f in cfg["lr_factors"]]
-        init_sweep = [_train_one(cfg, data, device, seed, bn, cfg["base_lr"], init_scale=s, progress=progress)
-                      for bn in (True, False) for s in cfg["init_scales"]]
-        return {"at_init": _at_init(cfg, data, device, seed), "lr_sweep": lr_sweep,
-                "init_sweep": init_sweep, "effective_lr": _effective_lr(cfg, data, device, seed)}
+    lr_sweep = [_train_one(cfg, data, device, seed, bn, cfg["base_lr"] * f, progress=progress)
+                for bn in (True, False) for f in cfg["lr_factors"]]
+    init_sweep = [_train_one(cfg, data, device, seed, bn, cfg["base_lr"], init_scale=s, progress=progress)
+                  for bn in (True, False) for s in cfg["init_scales"]]
+    return {"at_init": _at_init(cfg, data, device, seed), "lr_sweep": lr_sweep,
+            "init_sweep": init_sweep, "effective_lr": _effective_lr(cfg, data, device, seed)}
 
 
-def plot(results, out_dir):
-    """Four figures: norms vs layer, lr sweep, init-scale sweep, effective learning rate."""
-    import matplotlib.pyplot as plt
+def figures(results):
+    """Four parts: at_init (norms vs layer), lr_sweep, init_sweep, effective_lr."""
     m, cfg, tag = results["metrics"], results["config"], f"{results['profile']}, {results['device_name']}"
-    plotting.use_style()
-    paths = []
+    figs = {}
     fig, ax = plotting.subplots()
     for key in ("bn", "no_bn"):
         sq = m["at_init"][key]["sq_norms"]
@@ -174,9 +151,9 @@ def plot(results, out_dir):
                 label="pi/(pi-1) per layer (wide limit, Yang et al.)")
     ax.legend()
     plotting.label(ax, "hidden layer", "squared gradient norm of W_l", f"Gradients at initialization ({tag})")
-    paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-at_init.png"))
-    for key, xkey, xlabel, fname in (("lr_sweep", "lr", "learning rate", "lr"),
-                                     ("init_sweep", "init_scale", "init scale (x He)", "init")):
+    figs["at_init"] = fig
+    for key, xkey, xlabel in (("lr_sweep", "lr", "learning rate"),
+                              ("init_sweep", "init_scale", "init scale (x He)")):
         fig, ax = plotting.subplots(figsize=(8.6, 4.0))  # room for the legend beside the axes
         for bn in (True, False):
             rows = [r for r in m[key] if r["bn"] == bn]
@@ -190,7 +167,7 @@ def plot(results, out_dir):
         ax.axhline(10, color=plotting.COLORS["reference"], ls=":", lw=1, label="chance (10 classes)")
         fig.legend(loc="outside right center")  # beside the axes: inside, a falling curve crosses it
         plotting.label(ax, xlabel, "test accuracy (%)", f"{xlabel} sweep, depth {cfg['sweep_depth']} ({tag})")
-        paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-{fname}_sweep.png"))
+        figs[key] = fig
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     e = m["effective_lr"]
     sc = [r["scale"] for r in e["rescale"]]
@@ -203,6 +180,5 @@ def plot(results, out_dir):
     plotting.label(a1, "weight scale c", "value (units in the legend)", "Rescaling one BN layer's weights")
     a2.plot(np.array(e["weight_norms"]) / e["weight_norms"][0], color=plotting.COLORS["bn"])
     plotting.label(a2, "SGD step", "||W_2|| / ||W_2|| at step 0", f"Weight norm grows ({tag})")
-    paths.append(plotting.save(fig, out_dir / f"gradients-{results['profile']}-effective_lr.png"))
-    plt.close("all")
-    return paths
+    figs["effective_lr"] = fig
+    return figs

@@ -1,20 +1,21 @@
 """Santurkar et al. (2018): does BN help by reducing internal covariate shift? No BN, BN and
-"noisy BN" trained side by side; gradient-based ICS and smoothness along the gradient."""
+"noisy BN" trained side by side; gradient-based ICS and smoothness along the gradient.
+
+Book: book/experiments/noisy_bn.ipynb
+"""
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from bnlib import plotting
-from bnlib.experiments.common import load_dataset
+from bnlib.experiments.data import load_dataset
 from bnlib.experiments.metrics import gradient_change
 from bnlib.experiments.models import held_noise, mlp
-from bnlib.experiments.train import (accuracy, batch_indices, frozen_buffers, loss_fn,
-                                     progress, stack_list)
+from bnlib.experiments.training import (accuracy, batch_indices, frozen_buffers, loss_fn,
+                                        stack_list, train)
 
 NAME = "noisy_bn"
 DESCRIPTION = "Santurkar et al.: noisy BN, gradient-based internal covariate shift, smoothness"
-DATASET = "MNIST-1D (generated locally by mnist1d)"
 VARIANTS = ("no_bn", "bn", "noisy_bn")
 
 # Chapter 1's network (3 x 100 sigmoid units, small Gaussian init, batches of 60, SGD at lr 1),
@@ -129,34 +130,37 @@ def train_variant(norm, data, cfg, device, seed, show):
     rec = {k: [] for k in ("test_accuracy", "train_loss", "input_mean", "input_std")}
     probes = {k: [] for k in ("ics_l2", "ics_relative", "ics_cosine", "loss_range",
                               "grad_change", "beta")}
-    step_shift = torch.zeros((), device=device)
-    prev = None
-    bar = progress(cfg["steps"], show, f"{NAME} {norm}")
-    for step in range(1, cfg["steps"] + 1):
-        idx = batches[step - 1]
-        x, y = x_train[idx], y_train[idx]
-        if step % cfg["probe_every"] == 0:
-            for key, v in probe(model, x_train, y_train, batches, step - 1, cfg).items():
-                probes[key].append(v)
-        opt.zero_grad(set_to_none=True)
+    step_shift, prev = torch.zeros((), device=device), None
+    last = {}  # the training batch's last-hidden-layer input, kept by the step's loss
+
+    def step_loss(model, x, y):
         logits, preacts = model(x, keep_preacts=True)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        loss.backward()
-        opt.step()
-        # The last hidden layer's activation input on this batch: its per-unit batch mean and
-        # std, and how much they moved since the previous step (mean over units).
-        z = preacts[-1].detach()
-        now = torch.stack([z.mean(0), z.std(0)])
-        if prev is not None:
-            step_shift += (now - prev).abs().mean()
-        prev = now
-        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            rec["test_accuracy"].append(accuracy(model, x_test, y_test))
-            rec["train_loss"].append(loss.detach())
-            rec["input_mean"].append(now[0, cfg["unit"]])
-            rec["input_std"].append(now[1, cfg["unit"]])
-            bar.update(step - bar.n)
-    bar.close()
+        last["z"] = preacts[-1].detach()
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    def after(done, loss):
+        nonlocal step_shift, prev
+        if done > 0:
+            # That input's per-unit batch mean and std, and how much they moved since the
+            # previous step (mean over units).
+            z = last["z"]
+            now = torch.stack([z.mean(0), z.std(0)])
+            if prev is not None:
+                step_shift += (now - prev).abs().mean()
+            prev = now
+            if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
+                rec["test_accuracy"].append(accuracy(model, x_test, y_test))
+                rec["train_loss"].append(loss)
+                rec["input_mean"].append(now[0, cfg["unit"]])
+                rec["input_std"].append(now[1, cfg["unit"]])
+        if done < cfg["steps"] and (done + 1) % cfg["probe_every"] == 0:
+            # Probed before the step it is named after, on that step's batch.
+            for key, v in probe(model, x_train, y_train, batches, done, cfg).items():
+                probes[key].append(v)
+
+    # One step at a time, without graphs: the noise is drawn afresh at every step.
+    train(model, opt, x_train, y_train, batches, hook=after, loss=step_loss, graphs=False,
+          show=show, desc=f"{NAME} {norm}")
     out = {k: stack_list(v) for k, v in {**rec, **probes}.items()}
     out["final_accuracy"] = out["test_accuracy"][-1]
     out["mean_step_shift"] = step_shift.item() / (cfg["steps"] - 1)
@@ -179,7 +183,7 @@ NAMES = {"no_bn": "without BN", "bn": "with BN", "noisy_bn": "noisy BN"}
 
 
 def figures(results):
-    """Two figures: training (accuracy, one unit's input over time) and the probes."""
+    """Two parts: training (accuracy, one unit's input over time) and probes."""
     m, tag = results["metrics"], f"{results['profile']} profile, {results['device_name']}"
     fig, axes = plotting.subplots(1, 3, figsize=(13, 3.6))
     for norm in VARIANTS:
@@ -215,14 +219,4 @@ def figures(results):
     plotting.label(axes[3], "training step", "||g(w - eta g) - g|| / ||eta g|| (max over eta)",
                    "effective smoothness along the gradient")
     fig.suptitle(tag)
-    return first, fig
-
-
-def plot(results, out_dir):
-    """Write noisy_bn-PROFILE-training.png and noisy_bn-PROFILE-probes.png; returns the paths."""
-    import matplotlib.pyplot as plt
-    paths = []
-    for fig, part in zip(figures(results), ("training", "probes")):
-        paths.append(plotting.save(fig, Path(out_dir) / f"{NAME}-{results['profile']}-{part}.png"))
-        plt.close(fig)
-    return paths
+    return {"training": first, "probes": fig}

@@ -1,16 +1,18 @@
-"""The unbiased variance correction m/(m-1): derived with SymPy, simulated, and measured in trained nets."""
+"""The unbiased variance correction m/(m-1): derived with SymPy, simulated, and measured in trained nets.
+
+Book: book/experiments/variance_correction.ipynb
+"""
 import numpy as np
 import torch
 
 from bnlib import plotting, reference
-from bnlib.experiments.common import cpu_threads, load_dataset
-from bnlib.experiments.inference_stats import precise_stats, set_running_stats
-from bnlib.experiments.models import bn_layers, mlp
-from bnlib.experiments.train import accuracy, train
+from bnlib.experiments.bn_stats import eval_second_moments, precise_stats, set_running_stats
+from bnlib.experiments.data import load_dataset
+from bnlib.experiments.models import mlp
+from bnlib.experiments.training import accuracy, train_sgd
 
 NAME = "variance_correction"
 DESCRIPTION = "E[sigma_B^2] = (m-1)/m sigma^2: simulation, and biased vs unbiased stored variance"
-DATASET = "digits"
 
 PROFILES = {
     "quick": dict(dataset="digits", sim_batch_sizes=[2, 3, 4, 8, 16, 32, 64, 128], sim_trials=20000,
@@ -118,22 +120,6 @@ def torch_conventions():
 
 # --- trained networks -------------------------------------------------------------------------
 
-def eval_second_moments(model, x):
-    """Per BN layer, mean over channels of E[x_hat^2] on x in eval mode (x_hat before gamma, beta)."""
-    out, hooks = [], []
-    for b in bn_layers(model):
-        def hook(mod, inp, out_list=out):
-            z = (inp[0].double() - mod.running_mean.double()) / torch.sqrt(mod.running_var.double() + mod.eps)
-            out_list.append(float((z ** 2).mean()))
-        hooks.append(b.register_forward_pre_hook(hook))
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return out
-
-
 def _trained(cfg, data, device, seed, progress):
     x_tr, y_tr, x_te, y_te = data
     rows = []
@@ -141,7 +127,7 @@ def _trained(cfg, data, device, seed, progress):
         torch.manual_seed(seed)
         model = mlp(x_tr.shape[1], [cfg["width"]] * cfg["depth"], 10,
                     "relu", "bn", he_scale=1.0).to(device)
-        train(model, x_tr, y_tr, cfg["steps"], m, cfg["lr"], seed=seed, show=progress)
+        train_sgd(model, x_tr, y_tr, cfg["steps"], m, cfg["lr"], seed=seed, show=progress)
         row = {"m": m}
         for name, unb in (("unbiased", True), ("biased", False)):
             set_running_stats(model, precise_stats(model, x_tr, m, unbiased_var=unb))
@@ -154,17 +140,15 @@ def _trained(cfg, data, device, seed, progress):
 def run(cfg, device, seed, progress):
     """Simulation of the estimator, then trained nets with either stored variance."""
     data = load_dataset(cfg["dataset"], seed=seed, device=device)
-    with cpu_threads("cpu", threads=1):  # one torch CPU thread, whatever the device
-        return {"simulation": simulate(cfg["sim_batch_sizes"], cfg["sim_trials"], seed=seed),
-                "trained": _trained(cfg, data, device, seed, progress)}
+    return {"simulation": simulate(cfg["sim_batch_sizes"], cfg["sim_trials"], seed=seed),
+            "trained": _trained(cfg, data, device, seed, progress)}
 
 
-def plot(results, out_dir):
-    """Two figures: the estimator's distribution vs m; eval-mode second moments and accuracy."""
-    import matplotlib.pyplot as plt
+def figures(results):
+    """Two parts: simulation (the estimator's distribution vs m) and trained (eval-mode second
+    moments and accuracy)."""
     m, tag = results["metrics"], f"{results['profile']}, {results['device_name']}"
-    plotting.use_style()
-    paths = []
+    figs = {}
     fig, ax = plotting.subplots()
     sim = m["simulation"]
     ms = [r["m"] for r in sim]
@@ -177,7 +161,7 @@ def plot(results, out_dir):
     plotting.ticks_at(ax, ms)
     fig.legend(loc="outside right center")  # beside the axes: inside, it covers the band
     plotting.label(ax, "batch size m", "estimate / true variance", f"Batch variance estimator ({tag})")
-    paths.append(plotting.save(fig, out_dir / f"variance_correction-{results['profile']}-simulation.png"))
+    figs["simulation"] = fig
     fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     tr = m["trained"]
     bs = [r["m"] for r in tr]
@@ -191,6 +175,5 @@ def plot(results, out_dir):
     plotting.label(a1, "training batch size m", r"eval-mode mean of $\hat{x}^2$, layer 1",
                    "Second moment")
     plotting.label(a2, "training batch size m", "test accuracy (%)", f"Accuracy ({tag})")
-    paths.append(plotting.save(fig, out_dir / f"variance_correction-{results['profile']}-trained.png"))
-    plt.close("all")
-    return paths
+    figs["trained"] = fig
+    return figs

@@ -7,6 +7,7 @@ Book: book/derivations/backward.ipynb
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.printing.latex import LatexPrinter
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,39 @@ def general():
     return General(m, i, k, x, dy, gamma, eps, mu, sigma2, mean, chain, dl_dvar, dl_dmu, dvar_dmu,
                    dvar_dmu_at_mean, centred_sum, dl_dx, compact, difference_any_mu,
                    sp.simplify(difference))
+
+
+class _BookLatex(LatexPrinter):
+    """LaTeX in the book's notation: sums over the batch shown as i = 1..m, the paper's symbols."""
+
+    def __init__(self, g, **settings):
+        names = {g.mu: r"\mu_\mathcal{B}", g.sigma2: r"\sigma_\mathcal{B}^2", g.eps: r"\epsilon",
+                 sp.Symbol("dl_dsigma_B^2", real=True):
+                     r"\frac{\partial \ell}{\partial \sigma_\mathcal{B}^2}",
+                 sp.Symbol("dl_dmu_B", real=True): r"\frac{\partial \ell}{\partial \mu_\mathcal{B}}"}
+        super().__init__({"symbol_names": names, **settings})
+        self.g = g
+
+    def _print_Sum(self, expr):
+        (j, lo, hi), = expr.limits
+        if (lo, hi) != (0, self.g.m - 1):
+            return super()._print_Sum(expr)
+        if expr.function.could_extract_minus_sign():
+            return "- " + self._print(sp.Sum(-expr.function, *expr.limits))
+        body = self._print(expr.function)
+        if isinstance(expr.function, sp.Add):
+            body = rf"\left({body}\right)"
+        return rf"\sum_{{{self._print(j)}=1}}^{{m}} {body}"
+
+    def _print_Indexed(self, expr):
+        forms = {"x": "x_{%s}", "dy": "dy_{%s}", "xhat": r"\hat{x}_{%s}",
+                 "dl_dxhat": r"\frac{\partial \ell}{\partial \hat{x}_{%s}}"}
+        name, (idx,) = expr.base.label.name, expr.indices
+        return forms[name] % self._print(idx) if name in forms else super()._print_Indexed(expr)
+
+
+def latex_general(expr, g):
+    """LaTeX of an expression of general() in the book's notation: each Sum over the batch shown
+    from 1 to m (SymPy's runs over 0..m-1; renaming the summation index changes nothing), mu_B and
+    sigma_B^2 as the paper writes them, dy_i for dl/dy_i, hat-x_i, and the adjoints as dl/d(node)."""
+    return _BookLatex(g).doprint(expr)

@@ -1,4 +1,8 @@
-"""Training helpers shared by the experiments: minibatch indices, loss, accuracy, an SGD loop."""
+"""Training for the experiments: minibatch indices, loss, accuracy, and the one SGD loop (train).
+
+train runs its steps in chunks and calls a hook between them (every=1: after every step);
+on CUDA, ChunkRunner replays each full chunk as one captured CUDA graph.
+"""
 import contextlib
 import math
 import os
@@ -64,22 +68,26 @@ def stack_list(values):
     return torch.stack(values).detach().cpu().tolist()
 
 
-def _sgd_steps(model, opt, x, y, idx):
-    """One SGD step on x[idx[k]], y[idx[k]] for each row k of idx (no host syncs)."""
-    for k in range(idx.shape[0]):
-        i = idx[k]
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, x[i], y[i]).backward()
-        opt.step()
-
-
 def cuda_graphs_wanted(device):
     """CUDA graphs on CUDA unless BNLIB_CUDA_GRAPHS=0; never on a CPU."""
     return str(device).startswith("cuda") and os.environ.get("BNLIB_CUDA_GRAPHS", "1") != "0"
 
 
-def chunk_runner(model, opt, x, y, chunk, graphs=None):
-    """A function run(idx) doing one SGD step per row of idx, an (s, batch_size) index tensor.
+def _sgd_steps(model, opt, x, y, idx, loss):
+    """One optimizer step on x[idx[k]], y[idx[k]] per row k of idx; their losses (no host sync)."""
+    losses = []
+    for k in range(idx.shape[0]):
+        i = idx[k]
+        opt.zero_grad(set_to_none=True)
+        value = loss(model, x[i], y[i])
+        value.backward()
+        opt.step()
+        losses.append(value.detach())
+    return torch.stack(losses)
+
+
+class ChunkRunner:
+    """run(idx): one SGD step per row of idx, an (s, batch_size) index tensor; returns the s losses.
 
     On CUDA, a chunk of exactly `chunk` steps is captured once as a CUDA graph and then replayed:
     one launch per chunk instead of a hundred or so small kernels per step, each launched from
@@ -89,35 +97,41 @@ def chunk_runner(model, opt, x, y, chunk, graphs=None):
     then puts the parameters, buffers and optimizer state back as they were (plain or momentum
     SGD). Anything else (CPU, a chunk of another length, graphs=False, another optimizer, a
     capture that fails) runs the same steps eagerly; a failed capture warns once.
-    run.state["graph"] is the captured graph, or None.
+    .graph is the captured graph, or None; .failed says the runner has given up on graphs.
     What a graph fixes at capture: the learning rate (later changes to opt.param_groups are not
     seen), the batch size (idx of another width fails), and any random draws (a stochastic
     layer replays the same noise: use graphs=False for one).
     """
-    graphs = cuda_graphs_wanted(x.device) if graphs is None else graphs
-    # Undoing the warm-up is exact for SGD without dampening: a momentum buffer set to zero
-    # gives the first real step buf = grad, as a fresh one does. Other optimizers: eager.
-    sgd = isinstance(opt, torch.optim.SGD) and all(g["dampening"] == 0 for g in opt.param_groups)
-    state = {"graph": None, "failed": not (graphs and sgd)}
-    static_idx = None
 
-    def capture(idx):
-        nonlocal static_idx
+    def __init__(self, model, opt, x, y, chunk, graphs=None, loss=loss_fn):
+        graphs = cuda_graphs_wanted(x.device) if graphs is None else graphs
+        # Undoing the warm-up is exact for SGD without dampening: a momentum buffer set to zero
+        # gives the first real step buf = grad, as a fresh one does. Other optimizers: eager.
+        sgd = isinstance(opt, torch.optim.SGD) and all(g["dampening"] == 0 for g in opt.param_groups)
+        self.model, self.opt, self.x, self.y, self.chunk, self.loss = model, opt, x, y, chunk, loss
+        self.graph, self.failed = None, not (graphs and sgd)
+        self._idx = self._losses = None
+
+    def _steps(self, idx):
+        return _sgd_steps(self.model, self.opt, self.x, self.y, idx, self.loss)
+
+    def _capture(self, idx):
+        model, opt = self.model, self.opt
         tensors = list(model.parameters()) + list(model.buffers())
         saved = [t.detach().clone() for t in tensors]
         # The optimizer's state as it is (empty before the first step, momentum buffers after).
         saved_state = {id(v): v.detach().clone() for st in opt.state.values()
                        for v in st.values() if torch.is_tensor(v)}
-        static_idx = idx.clone()
+        self._idx = idx.clone()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                _sgd_steps(model, opt, x, y, static_idx[:3])  # warm-up: creates optimizer state
+                self._steps(self._idx[:3])  # warm-up: creates optimizer state
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                _sgd_steps(model, opt, x, y, static_idx)
+                self._losses = self._steps(self._idx)
         finally:  # undo the warm-up in place (the graph holds these addresses), even on failure
             with torch.no_grad():
                 for t, v in zip(tensors, saved):
@@ -132,52 +146,61 @@ def chunk_runner(model, opt, x, y, chunk, graphs=None):
                             v.zero_()
         return graph
 
-    def run(idx):
-        if state["failed"] or idx.shape[0] != chunk:
-            _sgd_steps(model, opt, x, y, idx)
-            return
-        if state["graph"] is None:
+    def __call__(self, idx):
+        if self.failed or idx.shape[0] != self.chunk:
+            return self._steps(idx)
+        if self.graph is None:
             try:
-                state["graph"] = capture(idx)
+                self.graph = self._capture(idx)
             except Exception as err:  # an op that cannot be captured: train eagerly
-                state["failed"] = True
+                self.failed = True
                 warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); "
                               "training without graphs", RuntimeWarning, stacklevel=2)
-                _sgd_steps(model, opt, x, y, idx)
-                return
-        static_idx.copy_(idx)
-        state["graph"].replay()
-
-    run.state = state
-    return run
+                return self._steps(idx)
+        self._idx.copy_(idx)
+        self.graph.replay()
+        return self._losses.clone()  # the graph overwrites its output at the next replay
 
 
-def train(model, x, y, steps, batch_size, lr, seed=0, sgd_momentum=0.9, lr_fn=None, callback=None,
-          show=False):
-    """SGD on cross-entropy; lr_fn(step) -> lr overrides lr; callback(step, model, loss) after each step.
+def train(model, opt, x, y, batches, every=1, hook=None, loss=loss_fn, graphs=None, show=False,
+          desc="train"):
+    """Train model with opt: one step on (x[i], y[i]) for each row i of batches, an (steps,
+    batch_size) index tensor (see batch_indices). Returns the per-step losses (floats).
 
-    Returns the list of per-step training losses (nan once the loss has diverged; training stops).
+    The steps run in chunks of `every`; hook(done, loss) is called before the first step
+    (done=0, loss None) and after each chunk (done = steps so far, loss = that step's loss, a
+    0-d tensor): with every=1 it is a per-step hook. With every > 1 on CUDA each full chunk is
+    one CUDA graph replay (ChunkRunner; graphs=False turns that off, as a stochastic layer
+    needs). loss(model, x, y) -> 0-d tensor is what each step minimizes. Once a loss is not
+    finite, training stops: that step's loss and the rest are nan, and the hook is not called.
     """
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=sgd_momentum)
-    batches = batch_indices(len(x), batch_size, steps, seed, x.device)
-    losses = []
-    bar = progress(steps, show, "train")
+    steps = batches.shape[0]
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every!r}")
+    run = ChunkRunner(model, opt, x, y, every, graphs=graphs if every > 1 else False, loss=loss)
     model.train()
-    for step in range(steps):
-        if lr_fn is not None:
-            for group in opt.param_groups:
-                group["lr"] = lr_fn(step)
-        idx = batches[step]
-        loss = loss_fn(model, x[idx], y[idx])
-        if not torch.isfinite(loss):
-            losses.extend([float("nan")] * (steps - step))
+    values, bar = [], progress(steps, show, desc)
+    if hook is not None:
+        hook(0, None)
+    for start in range(0, steps, every):
+        chunk = run(batches[start:start + every])
+        values.append(chunk)
+        if not bool(torch.isfinite(chunk).all()):  # one host sync per chunk
             break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if callback is not None:
-            callback(step, model, loss)
-        bar.update()
+        if hook is not None:
+            hook(start + chunk.shape[0], chunk[-1])
+        bar.update(chunk.shape[0])
     bar.close()
-    return losses
+    values = torch.cat(values).tolist()
+    finite = next((k for k, v in enumerate(values) if not math.isfinite(v)), len(values))
+    return values[:finite] + [float("nan")] * (steps - finite)
+
+
+def train_sgd(model, x, y, steps, batch_size, lr, momentum=0.9, seed=0, **options):
+    """train() with SGD (lr, momentum) on `steps` seeded minibatches of batch_size: the common case.
+
+    options go to train (every, hook, loss, graphs, show, desc).
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    return train(model, opt, x, y, batch_indices(len(x), batch_size, steps, seed, x.device),
+                 **options)
