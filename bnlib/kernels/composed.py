@@ -113,8 +113,8 @@ def backward(dy, x, weight, mean, invstd, need_dx=True):
     dx = None
     if need_dx:
         a = invstd if weight is None else invstd * weight
-        b_over_sigma = (a * invstd).mul_(sum_dy_xhat).mul_(-1.0 / m)   # b * invstd
-        const = torch.mul(a, sum_dy).mul_(-1.0 / m).sub_(b_over_sigma * mean)  # c - b invstd mean
-        dx = channel_affine(x, b_over_sigma, const)
+        b_invstd = (a * invstd).mul_(sum_dy_xhat).mul_(-1.0 / m)
+        const = torch.mul(a, sum_dy).mul_(-1.0 / m).sub_(b_invstd * mean)  # c - b invstd mean
+        dx = channel_affine(x, b_invstd, const)
         dx.addcmul_(dy, per_channel(a, nd))
     return dx, sum_dy_xhat, sum_dy
