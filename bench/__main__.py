@@ -13,9 +13,10 @@ import torch
 from bench import report
 from bench.cases import cases
 from bench.run import MAX_SECONDS_PER_CASE, MIN_REPEATS, run_numpy_case, run_torch_case
-from bench.timing import MIN_SAMPLE_SECONDS, copy_bandwidth
-from bnlib import _cpu_kernel, _triton_kernel
 from bnlib import functional as BF
+from bnlib import kernels
+from bnlib.kernels import cpu as cpu_kernel
+from bnlib.measure import MIN_SAMPLE_SECONDS, copy_bandwidth
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,9 +76,9 @@ def device_name(device):
 
 
 def triton_meta():
-    default = _triton_kernel.enabled
-    with _triton_kernel.use(True):
-        status = _triton_kernel.status()
+    default = kernels.status("triton") != "disabled"
+    with kernels.use(triton=True):
+        status = kernels.status("triton")
     try:  # the installed version, without importing triton (which reads its settings then)
         from importlib.metadata import version as installed
         version = installed("triton")
@@ -124,7 +125,7 @@ def main(argv=None):
         "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "note": args.note,
         # bnlib's compiled CPU kernel: whether it was built, and the largest input it takes.
-        "cpu_kernel": {"status": _cpu_kernel.status(), "max_numel": _cpu_kernel.max_numel()},
+        "cpu_kernel": {"status": kernels.status("cpu"), "max_numel": cpu_kernel.max_numel()},
         # bnlib's Triton path (CUDA): whether it loaded, whether it is bnlib's default here.
         "triton_kernel": triton_meta(),
     }

@@ -8,7 +8,7 @@ import numpy as np
 # backward reads x and dy for the two reductions, again for dx, and writes dx.
 TENSORS_MOVED = {"forward": 3, "backward": 5, "forward+backward": 8}
 
-# Shapes from the issue. On a CPU the largest 2D case is 256 MB per float32 tensor; it runs
+# The benchmark's shapes. On a CPU the largest 2D case is 256 MB per float32 tensor; it runs
 # with capped repeats (see MAX_SECONDS_PER_CASE in bench/run.py) rather than scaled down.
 SHAPES_2D = [(100, 500), (1024, 1024), (8192, 1024), (65536, 1024)]
 SHAPES_4D = [(64, 64, 56, 56), (256, 256, 14, 14)]

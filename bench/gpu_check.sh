@@ -47,7 +47,7 @@ step() {  # step NAME LIMIT_S COMMAND...: log to OUT/NAME.log, one line to summa
 cat "$OUT/summary.txt"
 # No addopts: the project's own (nbval) need the book's packages, which a GPU image may lack.
 PYTEST=(python3 -m pytest -q -o addopts=-ra -p no:cacheprovider)
-step triton_tests "$LIMIT_TESTS" "${PYTEST[@]}" tests/test_triton_kernel.py
+step triton_tests "$LIMIT_TESTS" "${PYTEST[@]}" tests/test_kernels_triton.py
 # The files with CUDA cases (tests/bn_cases.py's DEVICES, and the CUDA graph test).
 step cuda_tests "$LIMIT_TESTS" "${PYTEST[@]}" -m cuda tests/test_functional.py tests/test_nn.py \
     tests/test_experiments.py

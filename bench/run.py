@@ -4,21 +4,20 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import bytes_needed
-from bench.timing import saved_extra_bytes, time_calls
-from bnlib import _cpu_kernel, _triton_kernel
 from bnlib import functional as BF
-from bnlib import reference
+from bnlib import kernels, reference
+from bnlib.measure import saved_extra_bytes, time_calls
 
 
 def composed_batch_norm(*args):
     """bnlib.functional.batch_norm with its own kernels (compiled CPU, Triton) off: the composed path."""
-    with _cpu_kernel.use(False), _triton_kernel.use(False):
+    with kernels.use(cpu=False, triton=False):
         return BF.batch_norm(*args)
 
 
 def triton_batch_norm(*args):
     """bnlib.functional.batch_norm through its Triton kernels (what BNLIB_TRITON=1 selects)."""
-    with _triton_kernel.use(True):
+    with kernels.use(triton=True):
         return BF.batch_norm(*args)
 
 
@@ -30,8 +29,8 @@ def triton_takes(x, *params):
     """Whether the Triton path would take this case (on CUDA, with Triton installed)."""
     if x.device.type != "cuda":
         return False
-    with _triton_kernel.use(True):
-        return _triton_kernel.usable(x, *params)
+    with kernels.use(triton=True):
+        return kernels.usable("triton", x, *params)
 
 
 # A case whose slowest function takes longer than this per call gets fewer repeats (>= 3).

@@ -1,24 +1,20 @@
 """bnlib: Batch Normalization derived (bnlib.symbolic), implemented (bnlib.reference in NumPy,
-bnlib.functional and bnlib.nn in torch) and measured (bnlib.experiments).
+bnlib.functional and bnlib.nn in torch, run by one of bnlib.kernels' backends) and measured
+(bnlib.experiments, bnlib.measure).
 
 Submodules are imported on first use, so `import bnlib` does not pull in torch or SymPy.
 """
 import importlib
 
 __version__ = "0.1.0"
-_SUBMODULES = ("reference", "functional", "nn", "symbolic", "experiments", "plotting")
+_SUBMODULES = ("reference", "functional", "kernels", "nn", "symbolic", "experiments", "plotting",
+               "measure", "chapter", "checks")
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"bnlib.{name}")
     raise AttributeError(f"module 'bnlib' has no attribute {name!r}")
-
-
-def default_device():
-    """'cuda' when a GPU is available, else 'cpu': nothing in bnlib requires a GPU."""
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cache_dir():

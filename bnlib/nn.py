@@ -4,12 +4,13 @@ Same constructor arguments and defaults (torch 2.13's keyword-only bias=True inc
 parameters and buffers (weight, bias, running_mean, running_var, num_batches_tracked), so
 state_dicts load both ways.
 momentum=None makes the running statistics a cumulative average over the batches seen.
+Book: book/derivations/transform.ipynb
 """
 import torch
 from torch import nn
 
 from bnlib import functional
-from bnlib._checks import check_eps, check_momentum
+from bnlib.checks import check_eps, check_momentum
 
 
 class _BatchNorm(nn.Module):

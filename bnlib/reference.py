@@ -10,21 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnlib._checks import (check_batch_for_training, check_channel_param, check_eps,
-                           check_input_shape, check_momentum, values_per_channel)
+from bnlib.checks import (check_batch_for_training, check_channel_param, check_eps,
+                          check_input_shape, check_momentum, per_channel, reduce_axes,
+                          values_per_channel)
 
 
-# --- shapes and checks -------------------------------------------------------------------
-
-def reduce_axes(ndim):
-    """Every axis but the channel axis 1."""
-    return (0,) + tuple(range(2, ndim))
-
-
-def per_channel(v, ndim):
-    """Reshape a (C,) vector so that it broadcasts along axis 1 of an ndim-array."""
-    return np.reshape(v, (1, -1) + (1,) * (ndim - 2))
-
+# --- checks ------------------------------------------------------------------------------
 
 def _as_float_array(a, name):
     a = np.asarray(a)
@@ -51,6 +42,7 @@ def batch_stats(x):
     """Per-channel mean and biased variance (divide by m), two-pass, accumulated in float64.
 
     Returns float64 arrays of shape (C,) whatever the input dtype.
+    Book: book/derivations/transform.ipynb
     """
     x = _as_float_array(x, "x")
     check_input_shape(x.shape, "x")
@@ -62,7 +54,9 @@ def batch_stats(x):
 
 
 def unbiased(var, m):
-    """The paper's m/(m-1) correction of a biased (divide-by-m) variance."""
+    """The paper's m/(m-1) correction of a biased (divide-by-m) variance.
+    Book: book/derivations/transform.ipynb
+    """
     if m < 2:
         raise ValueError(f"m must be at least 2 for the unbiased variance, got {m}")
     return var * (m / (m - 1))
@@ -91,7 +85,9 @@ class Cache:
 
 
 def forward(x, gamma, beta, eps=1e-5):
-    """Algorithm 1: y = gamma * (x - mu_B) / sqrt(sigma_B^2 + eps) + beta. Returns (y, cache)."""
+    """Algorithm 1: y = gamma * (x - mu_B) / sqrt(sigma_B^2 + eps) + beta. Returns (y, cache).
+    Book: book/derivations/transform.ipynb
+    """
     x, gamma, beta = _check_params(x, gamma, beta, eps)
     check_batch_for_training(x.shape, "x")
     mean, var = batch_stats(x)
@@ -116,6 +112,7 @@ def backward(dy, cache):
 
     Two per-channel reductions (sum dy, sum dy*x_hat) and one elementwise pass.
     Returns (dx, dgamma, dbeta).
+    Book: book/derivations/backward.ipynb
     """
     dy = _check_dy(dy, cache)
     axes, nd, m = reduce_axes(dy.ndim), dy.ndim, cache.m
@@ -134,6 +131,7 @@ def staged_partials(dy, cache):
 
     Returns a dict with keys STAGES; dl_dvar and dl_dmu are per-channel (C,), the others
     have the shape of x except dl_dgamma and dl_dbeta, which are (C,).
+    Book: book/derivations/backward.ipynb
     """
     dy = _check_dy(dy, cache)
     axes, nd, m = reduce_axes(dy.ndim), dy.ndim, cache.m
@@ -153,7 +151,9 @@ def staged_partials(dy, cache):
 
 
 def backward_staged(dy, cache):
-    """The paper's chain rule, step by step (see staged_partials). Returns (dx, dgamma, dbeta)."""
+    """The paper's chain rule, step by step (see staged_partials). Returns (dx, dgamma, dbeta).
+    Book: book/derivations/backward.ipynb
+    """
     p = staged_partials(dy, cache)
     return p["dl_dx"], p["dl_dgamma"], p["dl_dbeta"]
 
@@ -161,7 +161,9 @@ def backward_staged(dy, cache):
 # --- Algorithm 2: inference ----------------------------------------------------------------
 
 def fold(gamma, beta, mean, var, eps=1e-5):
-    """Algorithm 2, step 11, as one affine map per channel: y = scale * x + shift."""
+    """Algorithm 2, step 11, as one affine map per channel: y = scale * x + shift.
+    Book: book/derivations/transform.ipynb
+    """
     check_eps(eps)
     gamma, beta = _as_float_array(gamma, "gamma"), _as_float_array(beta, "beta")
     mean, var = _as_float_array(mean, "mean"), _as_float_array(var, "var")
@@ -176,7 +178,9 @@ def fold(gamma, beta, mean, var, eps=1e-5):
 
 
 def inference(x, gamma, beta, mean, var, eps=1e-5):
-    """Algorithm 2: normalize with fixed (population or running) statistics."""
+    """Algorithm 2: normalize with fixed (population or running) statistics.
+    Book: book/derivations/transform.ipynb
+    """
     x, gamma, beta = _check_params(x, gamma, beta, eps)
     c = x.shape[1]
     mean, var = _as_float_array(mean, "mean"), _as_float_array(var, "var")
@@ -209,6 +213,7 @@ def update_running_stats(running_mean, running_var, x, momentum=0.1, count=None,
     momentum=None means a cumulative average; then `count` (batches seen, this one included) is
     required. With unbiased_var=True (PyTorch's choice) the batch variance enters with m/(m-1).
     Returns new (running_mean, running_var); nothing is modified in place.
+    Book: book/derivations/transform.ipynb
     """
     check_momentum(momentum, allow_none=True)
     x = _as_float_array(x, "x")

@@ -10,15 +10,11 @@ import torch
 # not put the root on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench.timing  # noqa: E402
 from bench import report  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 from bench.cases import SHAPES_2D, SHAPES_4D, Case, bytes_needed, cases  # noqa: E402
 from bench.run import _record, run_numpy_case, run_torch_case  # noqa: E402
-from bench.timing import (MIN_SAMPLE_SECONDS, calls_per_sample, saved_extra_bytes,  # noqa: E402
-                          time_calls)
-from bnlib import _cpu_kernel  # noqa: E402
-from bnlib import functional as BF  # noqa: E402
+from bnlib import kernels  # noqa: E402
 
 
 def test_bytes_needed_counts_tensors_of_x():
@@ -75,81 +71,16 @@ def test_ratios_and_targets_from_made_up_times():
         report.ratio(1.0, 0.0)
 
 
-class FakeClock:
-    """A clock that advances only when a timed function says it took `seconds`."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def take(self, seconds):
-        self.now += seconds
-
-
-# The timer runs on a fake clock here: real sleeps overshoot on a loaded machine (a CI run saw a
-# 0.5 ms sleep measured long enough to halve the calls per sample), and these tests check the
-# timer's logic, not the machine's scheduler.
-@pytest.fixture
-def fake_clock(monkeypatch):
-    fake = FakeClock()
-    monkeypatch.setattr(bench.timing, "clock", fake)
-    return fake
-
-
-def test_time_calls_interleaves_and_rejects_no_repeats(fake_clock):
-    calls = []
-
-    def slow(name):  # slower than a sample's minimum, so one call per sample
-        return lambda: (calls.append(name), fake_clock.take(1.5 * MIN_SAMPLE_SECONDS))
-
-    time_calls([slow("a"), slow("b")], repeats=2, warmup=1)
-    # warm-up a, b; the calls that size the samples, a, b; then a b; then b a
-    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a"]
-    with pytest.raises(ValueError, match="repeats"):
-        time_calls([lambda: None], repeats=0)
-
-
-def test_short_calls_are_repeated_within_a_sample_and_timed_per_call(fake_clock):
-    assert calls_per_sample(1.0) == 1 and calls_per_sample(0.0) == 1
-    assert calls_per_sample(MIN_SAMPLE_SECONDS / 4) == 4
-    calls, durations = [], iter([9.0, 0.5e-3] + [0.5e-3, 0.5e-3, 0.5e-3, 1.3e-3] * 3)
-
-    def fn():
-        calls.append(1)
-        fake_clock.take(next(durations))
-
-    (t,) = time_calls([fn], repeats=3, warmup=1)
-    # 1 warm-up (its 9 s is not timed) + 1 sizing call (0.5 ms: 4 per 2 ms sample) + 3 samples of 4
-    assert len(calls) == 2 + 3 * 4
-    # Per call, not per sample: each sample is 2.8 ms over 4 calls.
-    assert t == pytest.approx(2.8e-3 / 4)
-
-
-def test_time_calls_on_the_real_clock_returns_a_positive_time_per_call():
-    (t,) = time_calls([lambda: sum(range(1000))], repeats=3, warmup=1)
-    assert 0 < t < 1.0
-
-
-def test_saved_extra_bytes_sees_full_size_saves_but_not_inputs():
-    x = torch.randn(64, 8, requires_grad=True)
-    # bnlib saves x (an input: free), the weight, and per-channel mean and invstd: 2 * 8 floats.
-    assert saved_extra_bytes(lambda x: BF.batch_norm(x, None, None, training=True), [x]) == 64
-    # exp saves its full-size result: 64 * 8 floats that are not an input.
-    assert saved_extra_bytes(lambda x: (x * 2).exp(), [x]) == 64 * 8 * 4
-
-
 def test_one_tiny_case_runs_for_torch_and_numpy():
     case = Case((16, 4, 3, 3), "channels_last")
     recs = run_torch_case(case, "cpu", repeats=1, warmup=0)
     # Through the compiled kernel where it is built, and then the composed path is timed too.
-    kernel = _cpu_kernel.status() == "loaded"
+    kernel = kernels.status("cpu") == "loaded"
     impls = ("native", "bnlib") + (("bnlib_composed",) if kernel else ())
     assert {(r["impl"], r["pass"]) for r in recs} == {
         (i, p) for i in impls for p in ("forward", "forward+backward")}
     assert {r["path"] for r in recs if r["impl"] == "bnlib"} == {
-        "cpu kernel" if kernel else "composed"}
+        "cpu" if kernel else "composed"}
     assert all(r["median_s"] > 0 and r["saved_extra_bytes"] == 2 * 4 * 4 for r in recs)
     recs = run_numpy_case(Case((16, 4)), repeats=1, warmup=0)
     assert [r["impl"] for r in recs] == ["reference", "reference_compact", "reference_staged"]

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 
-# The fixed layout of the book (design.md); _toc.yml must list exactly these, in this order.
+# The fixed layout of the book: _toc.yml must list exactly these, in this order.
 LAYOUT = [
     "book/intro", "book/notation",
     "book/derivations/transform", "book/derivations/bias_cancelled", "book/derivations/backward",

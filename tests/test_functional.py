@@ -1,55 +1,35 @@
 """bnlib.functional.batch_norm against torch.nn.functional.batch_norm, on every available device."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
 
-from bnlib import _cpu_kernel
+import parity
+from bn_cases import DEVICES
 from bnlib import functional as BF
-from bn_cases import DEVICES, bn_problems, torch_reference
 
 
-@pytest.fixture(autouse=True, scope="module", params=["cpu kernel", "composed"])
-def cpu_path(request):
-    """Every test here runs twice: small CPU inputs through the compiled kernel, then with the
-    kernel switched off through the composed torch path (what large inputs and GPUs take)."""
-    if request.param == "cpu kernel":
-        from test_cpu_kernel import require_kernel
-        require_kernel()
-    with _cpu_kernel.use(request.param == "cpu kernel"):
+@pytest.fixture(autouse=True, scope="module", params=["cpu", "composed", "formula"])
+def backend(request):
+    """Every test here runs on each CPU backend in turn: small inputs through the compiled
+    kernel, the composed ATen path (what large inputs and GPUs take) and the formula (what no
+    backend takes). tests/test_parity.py compares every backend with torch over many shapes."""
+    with parity.on(request.param):
         yield request.param
 
-# float64 tolerance: see tests/test_reference.py (offset/scale up to 1e3, a few dozen roundings).
+# float64 tolerance: see tests/parity.py.
 TOL = dict(rtol=1e-9, atol=1e-9)
-
-
-def _bnlib(x, gamma, beta, dy, device="cpu", **kw):
-    xt = torch.tensor(x, device=device, requires_grad=True)
-    g = torch.tensor(gamma, device=device, requires_grad=True)
-    b = torch.tensor(beta, device=device, requires_grad=True)
-    y = BF.batch_norm(xt, None, None, g, b, training=True, **kw)
-    y.backward(torch.tensor(dy, device=device))
-    return [t.detach().cpu().numpy() for t in (y, xt.grad, g.grad, b.grad)]
-
-
-@settings(max_examples=60, deadline=None)
-@given(bn_problems())
-def test_training_forward_and_backward_match_torch(problem):
-    expected = torch_reference(*problem)
-    for got, want in zip(_bnlib(*problem), expected):
-        np.testing.assert_allclose(got, want, **TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(16, 5), (4, 3, 7), (2, 3, 4, 5)])
 def test_parity_on_device(device, shape):
-    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
     c = shape[1]
-    problem = (rng.normal(3.0, 2.0, shape), rng.uniform(0.5, 2, c), rng.standard_normal(c),
-               rng.standard_normal(shape))
-    for got, want in zip(_bnlib(*problem, device=device), torch_reference(*problem)):
-        np.testing.assert_allclose(got, want, **TOL)
+    x = (3.0 + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device)
+    w = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    b, dy = torch.randn(c, dtype=torch.float64).to(device), torch.randn(shape, dtype=torch.float64).to(device)
+    got, _ = parity.run(x, w, b, dy)
+    parity.assert_close(got, parity.truth(x, w, b, dy), x)
 
 
 @pytest.mark.parametrize("device", DEVICES)

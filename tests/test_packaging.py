@@ -64,10 +64,10 @@ def test_torch_lower_bound_admits_the_gpu_machines_torch():
 
 
 def test_the_kernel_source_ships_in_the_package():
-    """bnlib/_cpu_kernel.py compiles bnlib/csrc/*.cpp on the user's machine, so an installed
+    """bnlib/kernels/cpu.py compiles bnlib/kernels/*.cpp on the user's machine, so an installed
     (non-editable) bnlib must carry those files: pyproject's package-data must match them."""
     import fnmatch
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["bnlib"]
-    sources = [p.relative_to(ROOT / "bnlib").as_posix() for p in (ROOT / "bnlib" / "csrc").iterdir()]
+    sources = [p.relative_to(ROOT / "bnlib").as_posix() for p in (ROOT / "bnlib").rglob("*.cpp")]
     assert sources and all(any(fnmatch.fnmatch(s, g) for g in globs) for s in sources), sources

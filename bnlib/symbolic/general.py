@@ -2,6 +2,7 @@
 
 Same graph and chain rule as bnlib.symbolic.partials, with m left as a symbol: the results hold
 for every batch size, not just the ones expanded there.
+Book: book/derivations/backward.ipynb
 """
 from dataclasses import dataclass
 

@@ -34,7 +34,9 @@ def centre(xs):
 
 
 def normalize(xs, eps):
-    """x_hat_i = (x_i - mu_B) / sqrt(sigma_B^2 + eps) for every example."""
+    """x_hat_i = (x_i - mu_B) / sqrt(sigma_B^2 + eps) for every example.
+    Book: book/derivations/transform.ipynb
+    """
     mu, var = mean(xs), variance(xs)
     return [(x - mu) / sp.sqrt(var + eps) for x in xs]
 
@@ -42,7 +44,9 @@ def normalize(xs, eps):
 # --- section 2 of the paper: a bias that the centring cancels --------------------------------
 
 def bias_centring(m):
-    """x = u + b centred over a batch of m: its b-derivative, the full and naive steps, their effect."""
+    """x = u + b centred over a batch of m: its b-derivative, the full and naive steps, their effect.
+    Book: book/derivations/bias_cancelled.ipynb
+    """
     u, g = batch_symbols("u", m), batch_symbols("g", m)
     b, delta_b, mu_const = sp.symbols("b Delta_b mu", real=True)
     x = [ui + b for ui in u]
@@ -60,7 +64,9 @@ def bias_centring(m):
 
 
 def bias_centring_general():
-    """bias_centring for a symbolic batch size m (IndexedBase/Sum): the mean moves by delta_b."""
+    """bias_centring for a symbolic batch size m (IndexedBase/Sum): the mean moves by delta_b.
+    Book: book/derivations/bias_cancelled.ipynb
+    """
     i, j = sp.symbols("i j", integer=True)
     m = sp.Symbol("m", integer=True, positive=True)
     u = sp.IndexedBase("u")
@@ -81,7 +87,9 @@ def bias_centring_general():
 # --- section 3.3 of the paper: scale invariance ------------------------------------------------
 
 def scale_forward(m):
-    """x_hat(a z) against x_hat(z) for m examples, a > 0: at eps = 0, with eps -> eps/a^2, ratio."""
+    """x_hat(a z) against x_hat(z) for m examples, a > 0: at eps = 0, with eps -> eps/a^2, ratio.
+    Book: book/derivations/scale_invariance.ipynb
+    """
     z = batch_symbols("z", m)
     a, eps = sp.symbols("a epsilon", positive=True)
     scaled = normalize([a * zi for zi in z], eps)
@@ -95,14 +103,18 @@ def scale_forward(m):
 
 
 def eps_correction(order=2):
-    """Series in eps of x_hat(a z; eps) / x_hat(z; eps) = sqrt((v + eps) / (v + eps/a^2))."""
+    """Series in eps of x_hat(a z; eps) / x_hat(z; eps) = sqrt((v + eps) / (v + eps/a^2)).
+    Book: book/derivations/scale_invariance.ipynb
+    """
     v, a, eps = sp.symbols("v a epsilon", positive=True)
     ratio = sp.sqrt(v + eps) / sp.sqrt(v + eps / a ** 2)
     return dict(v=v, a=a, eps=eps, ratio=ratio, series=sp.series(ratio, eps, 0, order).removeO())
 
 
 def scale_forward_general():
-    """x_hat_j(a z) - x_hat_j(z) at eps = 0 for a general batch size m (IndexedBase/Sum)."""
+    """x_hat_j(a z) - x_hat_j(z) at eps = 0 for a general batch size m (IndexedBase/Sum).
+    Book: book/derivations/scale_invariance.ipynb
+    """
     i, j = sp.symbols("i j", integer=True)
     m = sp.Symbol("m", integer=True, positive=True)
     a = sp.Symbol("a", positive=True)
@@ -124,7 +136,9 @@ def refactor_radicals(expr):
 
 
 def scale_gradients(m):
-    """dl/dz of l = sum_i g_i x_hat_i(z) (eps = 0) at z and at a*z, and z . dl/dz, sum dl/dz."""
+    """dl/dz of l = sum_i g_i x_hat_i(z) (eps = 0) at z and at a*z, and z . dl/dz, sum dl/dz.
+    Book: book/derivations/scale_invariance.ipynb
+    """
     z, g = batch_symbols("z", m), batch_symbols("g", m)
     a = sp.Symbol("a", positive=True)
     loss = sp.Add(*[gi * xi for gi, xi in zip(g, normalize(z, 0))])
@@ -137,7 +151,9 @@ def scale_gradients(m):
 
 
 def sgd_norm_step():
-    """||W - lr g||^2 - ||W||^2 for a 2-vector W and gradient g, and its value when W . g = 0."""
+    """||W - lr g||^2 - ||W||^2 for a 2-vector W and gradient g, and its value when W . g = 0.
+    Book: book/derivations/scale_invariance.ipynb
+    """
     w1, w2, g1, g2 = sp.symbols("w_1 w_2 g_1 g_2", real=True)
     lr = sp.Symbol("eta", positive=True)
     change = sp.expand((w1 - lr * g1) ** 2 + (w2 - lr * g2) ** 2 - w1 ** 2 - w2 ** 2)
@@ -148,7 +164,9 @@ def sgd_norm_step():
 
 
 def weight_gradients(m, d):
-    """dl/dW and dl/du_i of l = sum_i g_i x_hat_i(W u_i) (eps = 0, W a 1 x d row): at W and at a*W."""
+    """dl/dW and dl/du_i of l = sum_i g_i x_hat_i(W u_i) (eps = 0, W a 1 x d row): at W and at a*W.
+    Book: book/derivations/scale_invariance.ipynb
+    """
     if isinstance(d, bool) or not isinstance(d, int) or d < 1:
         raise ValueError(f"d must be an int >= 1 (inputs per example), got {d!r}")
     w, g = list(sp.symbols(f"w_1:{d + 1}", real=True)), batch_symbols("g", m)

@@ -2,6 +2,7 @@
 
 Both are derived with sympy.diff through the forward expressions. `closed_form` and `zca_matrix`
 are typed in only to be compared with (or to build) what is differentiated.
+Book: book/derivations/jacobian.ipynb
 """
 from dataclasses import dataclass
 

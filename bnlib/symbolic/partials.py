@@ -13,6 +13,7 @@ node is the sum, over the nodes that consume it, of the consumer's adjoint times
 the consumer's defining expression with respect to the node. Nothing in the result is typed in by
 hand; `paper_forms` (typed from the paper) and `compact_dx` (the closed form to be proven) exist only
 to be compared with what is derived.
+Book: book/derivations/backward.ipynb
 """
 from dataclasses import dataclass, field
 

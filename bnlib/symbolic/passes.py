@@ -3,6 +3,7 @@
 Counted from the general-m expressions (bnlib.symbolic.general): a kernel reads every distinct
 batch array (an IndexedBase such as dy, x, xhat, dl_dxhat) that occurs in its expression once, and
 writes one batch array when its result is per example (indexed by i or k), none for a reduction.
+Book: book/performance.ipynb
 """
 from dataclasses import dataclass
 

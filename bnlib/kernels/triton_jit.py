@@ -1,6 +1,7 @@
-"""Triton kernels behind bnlib._triton_kernel: the training forward and the compact backward.
+"""The @triton.jit kernels of the Triton backend (launched by triton.py): the training forward
+and the compact backward.
 
-x is seen in one of two layouts (bnlib._triton_kernel.layout picks it):
+x is seen in one of two layouts (triton.layout picks it):
 - "rows":   channel innermost ((N, C), channels-last): a row-major (M, C) matrix, M = m values
             per channel, so a tile of rows reads whole cache lines across channels;
 - "planes": channel-major contiguous ((N, C, L), NCHW): N*C contiguous planes of S values each.
@@ -254,9 +255,9 @@ def grad_sums_planes(dy_ptr, x_ptr, mean_ptr, lo_ptr, part_ptr, N, C, S, n_per_s
 def finalize_grad(part_ptr, splits, C, m, w_ptr, invstd_ptr, dw_ptr, db_ptr,
                   coef_ptr, HAS_W: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
                   BLOCK_C: tl.constexpr):
-    """dl/dgamma = sum(dy x_hat), dl/dbeta = sum(dy), and per channel the coefficients
-    of dx = g dy + k (x - mean) + c: g = gamma invstd, k = -g invstd sum(dy x_hat) / m,
-    c = -g sum(dy) / m (the compact form, with x_hat = (x - mean) invstd)."""
+    """dl/dgamma = sum(dy x_hat), dl/dbeta = sum(dy), and per channel the book's coefficients of
+    dx = a dy + b x_hat + c: a = gamma invstd, b = -a sum(dy x_hat) / m, c = -a sum(dy) / m,
+    stored as (a, b invstd, c) for dx = a dy + (b invstd) (x - mean) + c."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     s_dy = tl.zeros([BLOCK_C], tl.float32)
@@ -268,21 +269,21 @@ def finalize_grad(part_ptr, splits, C, m, w_ptr, invstd_ptr, dw_ptr, db_ptr,
         s_dy += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), 0)
         s_dyx += tl.sum(tl.load(part_ptr + splits * C + offs, mask=mask, other=0.0), 0)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    g = invstd
+    a = invstd
     if HAS_W:
-        g = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        a = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     s_dy_xhat = s_dyx * invstd
     tl.store(dw_ptr + cols, s_dy_xhat, mask=cmask)
     tl.store(db_ptr + cols, s_dy, mask=cmask)
-    tl.store(coef_ptr + cols, g, mask=cmask)
-    tl.store(coef_ptr + C + cols, -g * invstd * s_dy_xhat / m, mask=cmask)
-    tl.store(coef_ptr + 2 * C + cols, -g * s_dy / m, mask=cmask)
+    tl.store(coef_ptr + cols, a, mask=cmask)
+    tl.store(coef_ptr + C + cols, -a * invstd * s_dy_xhat / m, mask=cmask)
+    tl.store(coef_ptr + 2 * C + cols, -a * s_dy / m, mask=cmask)
 
 
 @triton.jit
 def grad_input(dy_ptr, x_ptr, dx_ptr, mean_ptr, lo_ptr, coef_ptr, numel, C, DIV,
                BLOCK: tl.constexpr):
-    """dx = g dy + k ((x - hi) - lo) + c per channel; element i is in channel (i // DIV) % C."""
+    """dx = a dy + (b invstd) ((x - hi) - lo) + c per channel; element i is in channel (i // DIV) % C."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
     c = (i.to(tl.int32) // DIV) % C  # int32 is exact for the unmasked i (numel < 2^31)
@@ -290,8 +291,8 @@ def grad_input(dy_ptr, x_ptr, dx_ptr, mean_ptr, lo_ptr, coef_ptr, numel, C, DIV,
     x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
     hi = tl.load(mean_ptr + c, mask=mask, other=0.0)
     lo = tl.load(lo_ptr + c, mask=mask, other=0.0)
-    g = tl.load(coef_ptr + c, mask=mask, other=0.0)
-    k = tl.load(coef_ptr + C + c, mask=mask, other=0.0)
-    b = tl.load(coef_ptr + 2 * C + c, mask=mask, other=0.0)
-    dx = g * dy + k * ((x - hi) - lo) + b
+    a = tl.load(coef_ptr + c, mask=mask, other=0.0)
+    b_invstd = tl.load(coef_ptr + C + c, mask=mask, other=0.0)
+    const = tl.load(coef_ptr + 2 * C + c, mask=mask, other=0.0)
+    dx = a * dy + b_invstd * ((x - hi) - lo) + const
     tl.store(dx_ptr + i, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,4 +1,4 @@
-"""bnlib's Triton path (bnlib/_triton_kernel.py, bnlib/_triton_impl.py): what it computes, which
+"""bnlib's Triton backend (bnlib/kernels/triton.py, triton_jit.py): what it computes, which
 inputs take it, how it fails.
 
 On a GPU the kernels are compiled and run on CUDA. Without one they run in Triton's interpreter
@@ -6,40 +6,26 @@ On a GPU the kernels are compiled and run on CUDA. Without one they run in Trito
 which checks the indexing, masking, splitting and arithmetic, though not the compiled code's
 speed. Locally a missing Triton skips this file; under CI (which installs it) it fails instead.
 """
-import importlib.util
-import os
 import warnings
 
 import pytest
 import torch
+
 import torch.nn.functional as F
 
-from bnlib import _cpu_kernel, _triton_kernel
+import parity
 from bnlib import functional as BF
+from bnlib import kernels
+from bnlib.kernels import triton as T
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpreter_problem():
-    """Why the kernels cannot be tested here, or None."""
-    if DEVICE == "cuda":
-        return None if importlib.util.find_spec("triton") else "triton is not installed"
-    if not _triton_kernel.INTERPRET:
-        return "TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)"
-    return _triton_kernel.interpreter_problem()
+DEVICE = parity.TRITON_DEVICE
 
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_on():
-    """Load the kernels (interpreted on a CPU), switch the Triton path on and the CPU kernel off."""
-    problem = _interpreter_problem()
-    if problem is not None:
-        if IN_CI:
-            pytest.fail(f"CI must run the Triton tests: {problem}")
-        pytest.skip(problem)
-    with _triton_kernel.use(True), _cpu_kernel.use(False):
-        assert _triton_kernel.load(), _triton_kernel.status()
+    """Load the kernels (interpreted on a CPU); Triton the only backend on (see parity.on)."""
+    with parity.on("triton"):
+        assert kernels.usable("triton", torch.randn(4, 3, device=DEVICE)), kernels.status("triton")
         yield
 
 
@@ -48,60 +34,28 @@ def tile(request, monkeypatch):
     """Default tiles, then 32-value tiles: several tiles per slice and several slices per
     channel even on these small inputs, so every merge in the kernels is exercised."""
     if request.param is not None:
-        monkeypatch.setattr(_triton_kernel, "TILE", request.param)
+        monkeypatch.setattr(T, "TILE", request.param)
     return request.param
 
 
-def _inputs(shape, dtype, layout=None, affine=True, loc=3.0, scale=2.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = (loc + scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    if layout is not None:
-        x, dy = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
-    c = shape[1]
-    w = torch.rand(c, generator=gen) + 0.5 if affine else None
-    b = torch.randn(c, generator=gen) if affine else None
-    return [None if t is None else t.to(DEVICE) for t in (x, dy, w, b)]
+def _inputs(shape, dtype, layout=None, affine=True, **kw):
+    return parity.inputs(shape, dtype, layout, (affine, affine), device=DEVICE, **kw)
 
 
 def _run(x, dy, w, b, running=True, momentum=0.1):
-    """bnlib's y, dx, dgamma, dbeta (those that exist), running stats, and whether Triton ran."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
-    c = x.shape[1]
-    stats = [torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)] if running else [None, None]
-    y = BF.batch_norm(leaves[0], *stats, leaves[1], leaves[2], training=True, momentum=momentum)
-    used = y.grad_fn.triton
-    y.backward(dy)
-    grads = [t.grad for t in leaves if t is not None]
-    return [y.detach()] + grads + [s for s in stats if s is not None], used
+    """bnlib's outputs (see parity.run) and whether Triton ran."""
+    stats = parity.running_stats(x, w) if running else None
+    got, ran = parity.run(x, w, b, dy, stats, momentum=momentum)
+    return got, ran == "triton"
 
 
 def _truth(x, dy, w, b, running=True, momentum=0.1):
-    """The same through torch's own batch_norm in float64, from the same (rounded) inputs."""
-    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)]
-    c = x.shape[1]
-    stats = ([torch.zeros(c, dtype=torch.float64, device=DEVICE),
-              torch.ones(c, dtype=torch.float64, device=DEVICE)] if running else [None, None])
-    y = F.batch_norm(leaves[0], *stats, leaves[1], leaves[2], training=True, momentum=momentum)
-    y.backward(dy.double())
-    return [y.detach()] + [t.grad for t in leaves if t is not None] + [s for s in stats if s is not None]
+    stats = parity.running_stats(x, w) if running else None
+    return parity.truth(x, w, b, dy, stats, momentum=momentum)
 
 
-def _tolerance(dtype):
-    """Relative to each output's largest entry. float32: every value passes through a few float32
-    roundings (2^-24 ~ 6e-8 each) and the sums through a tree of at most ~12 levels per tile and
-    a few dozen merges: a few hundred roundings in the worst case, ~1e-6 typically measured at
-    2e-7, so 2e-6. Half outputs are rounded once on store: half an ulp, 2^-11 (float16) or 2^-8
-    (bfloat16) relative to the largest value, so twice that. A formula error is O(1)."""
-    return {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-
-
-def _assert_close(got, want, dtype_of_x):
-    """Each output within the tolerance of its own dtype (dx and y: x's; the rest float32)."""
-    for i, (g, t) in enumerate(zip(got, want)):
-        tol = _tolerance(g.dtype)
-        err = ((g.double() - t).abs().max() / t.abs().max()).item()
-        assert err <= tol, (i, err, tol, dtype_of_x)
+def _assert_close(got, want, x):
+    parity.assert_close(got, want, x)
 
 
 SHAPES = [((37, 5), None), ((300, 70), None), ((4, 3, 7), None), ((6, 4, 5, 3), None),
@@ -117,7 +71,7 @@ def test_matches_float64_torch(tile, shape, layout, dtype):
     assert used
     assert got[0].dtype == x.dtype and got[0].stride() == x.stride()   # y keeps x's layout
     assert got[1].stride() == x.stride()                                # so does dx
-    _assert_close(got, _truth(x, dy, w, b), dtype)
+    _assert_close(got, _truth(x, dy, w, b), x)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -126,7 +80,7 @@ def test_without_parameters_or_running_statistics(tile, affine, running):
     x, dy, w, b = _inputs((20, 6, 9), torch.float32, affine=affine)
     got, used = _run(x, dy, w, b, running=running, momentum=0.3)
     assert used
-    _assert_close(got, _truth(x, dy, w, b, running=running, momentum=0.3), torch.float32)
+    _assert_close(got, _truth(x, dy, w, b, running=running, momentum=0.3), x)
 
 
 @pytest.mark.parametrize("shape,layout", [((512, 8), None), ((16, 4, 8, 8), None),
@@ -139,7 +93,7 @@ def test_float32_keeps_its_accuracy_at_a_large_offset(tile, shape, layout):
     x, dy, w, b = _inputs(shape, torch.float32, layout, loc=1e4, scale=1.0)
     got, used = _run(x, dy, w, b)
     assert used
-    _assert_close(got, _truth(x, dy, w, b), torch.float32)
+    _assert_close(got, _truth(x, dy, w, b), x)
 
 
 def test_a_single_hwc_image_as_nchw_and_a_dy_in_another_layout(tile):
@@ -150,20 +104,20 @@ def test_a_single_hwc_image_as_nchw_and_a_dy_in_another_layout(tile):
     gen = torch.Generator().manual_seed(3)
     x = (3 + torch.randn(5, 6, 4, generator=gen)).permute(2, 0, 1).unsqueeze(0).to(DEVICE)
     dy = torch.randn(1, 4, 5, 6, generator=gen).to(DEVICE)             # contiguous: unlike x
-    assert _triton_kernel.layout(x) == "rows" and dy.stride() != x.stride()
+    assert T.layout(x) == "rows" and dy.stride() != x.stride()
     got, used = _run(x, dy, None, None)
     assert used
-    _assert_close(got, _truth(x.contiguous(), dy, None, None), torch.float32)
+    _assert_close(got, _truth(x.contiguous(), dy, None, None), x)
 
 
 def test_slices_cover_every_value_once(monkeypatch):
     """The split reduction's plan: slices of whole tiles, none empty, together exactly m values."""
     for tile in (32, 4096):
-        monkeypatch.setattr(_triton_kernel, "TILE", tile)
+        monkeypatch.setattr(T, "TILE", tile)
         for shape in [(37, 5), (300, 70), (65536, 3), (64, 64, 7, 7), (1, 3, 100, 100), (3, 200, 2)]:
             x = torch.empty(shape)
             for t in (x, x.contiguous(memory_format=torch.channels_last)) if x.ndim == 4 else (x,):
-                kind, (blocks, splits), args, meta = _triton_kernel._plan(t)
+                kind, (blocks, splits), args, meta = T._plan(t)
                 n, c = shape[:2]
                 if kind == "rows":
                     m, _, rows, _ = args
@@ -178,18 +132,19 @@ def test_slices_cover_every_value_once(monkeypatch):
 
 def test_what_takes_the_triton_path():
     def ran(x, *params):
-        return BF.batch_norm(x.requires_grad_(), None, None, *params, training=True).grad_fn.triton
+        y = BF.batch_norm(x.requires_grad_(), None, None, *params, training=True)
+        return y.grad_fn.backend == "triton"
     x = torch.randn(8, 3, 4, 4, device=DEVICE)
     assert ran(x.clone()) and ran(x.contiguous(memory_format=torch.channels_last))
     assert ran(torch.randn(8, 4, 3, device=DEVICE).transpose(1, 2))   # (N, L, C) memory: rows
     assert not ran(x[:, :, ::2].clone().transpose(0, 3))            # neither layout
     assert not ran(torch.randn(8, 3, dtype=torch.float64, device=DEVICE))   # float64: composed
     assert not ran(torch.randn(8, 3, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE))
-    with _triton_kernel.use(False):
+    with kernels.use(triton=False):
         assert not ran(torch.randn(8, 3, device=DEVICE))
-    assert _triton_kernel.layout(torch.empty(8, 3)) == "rows"
-    assert _triton_kernel.layout(torch.empty(8, 3, 5)) == "planes"
-    assert _triton_kernel.layout(torch.empty(8, 3, 5).transpose(0, 2)) is None
+    assert T.layout(torch.empty(8, 3)) == "rows"
+    assert T.layout(torch.empty(8, 3, 5)) == "planes"
+    assert T.layout(torch.empty(8, 3, 5).transpose(0, 2)) is None
 
 
 def test_running_statistics_are_updated_in_place_and_autograd_is_told():
@@ -197,7 +152,7 @@ def test_running_statistics_are_updated_in_place_and_autograd_is_told():
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     ids, versions = (id(rm), id(rv)), (rm._version, rv._version)
     y = BF.batch_norm(x, rm, rv, training=True)
-    assert y.grad_fn.triton
+    assert y.grad_fn.backend == "triton"
     assert (id(rm), id(rv)) == ids and rm._version > versions[0] and rv._version > versions[1]
     want_rm, want_rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     F.batch_norm(x.detach(), want_rm, want_rv, training=True)
@@ -208,8 +163,8 @@ def test_running_statistics_are_updated_in_place_and_autograd_is_told():
 @pytest.fixture
 def fresh_status(monkeypatch):
     """Let a test break the Triton path without breaking it for the tests after it."""
-    monkeypatch.setitem(_triton_kernel._status, "loaded", _triton_kernel._status["loaded"])
-    monkeypatch.setitem(_triton_kernel._status, "error", None)
+    monkeypatch.setattr(kernels, "_loaded", set(kernels._loaded))
+    monkeypatch.setattr(kernels, "_errors", dict(kernels._errors))
 
 
 @pytest.mark.parametrize("broken", ["normalize", "stats_planes", "grad_input"])
@@ -223,14 +178,15 @@ def test_a_failing_kernel_warns_once_and_hands_over_to_the_composed_path(fresh_s
             def launch(*args, **kwargs):
                 raise RuntimeError("deliberately broken kernel")
             return launch
-    monkeypatch.setattr(_triton_kernel._impl, broken, Broken())
+    monkeypatch.setattr(T._impl, broken, Broken())
     x, dy, w, b = _inputs((6, 4, 5), torch.float32)
-    with pytest.warns(RuntimeWarning, match="deliberately broken kernel"):
-        got, used = _run(x, dy, w, b)
-    assert used == (broken == "grad_input")                 # the forward had already succeeded
-    _assert_close(got, _truth(x, dy, w, b), torch.float32)
-    assert "deliberately broken kernel" in _triton_kernel.status()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                      # said once, not per call
-        got, used = _run(x, dy, w, b)
-    assert not used
+    with kernels.use(composed=True):
+        with pytest.warns(RuntimeWarning, match="deliberately broken kernel"):
+            got, used = _run(x, dy, w, b)
+        assert used == (broken == "grad_input")             # the forward had already succeeded
+        _assert_close(got, _truth(x, dy, w, b), x)
+        assert "deliberately broken kernel" in kernels.status("triton")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                  # said once, not per call
+            got, ran = parity.run(x, w, b, dy)
+        assert ran == "composed"

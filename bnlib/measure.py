@@ -1,10 +1,17 @@
-"""Timers (CUDA events after synchronisation on a GPU, perf_counter on a CPU) and saved-tensor bytes."""
+"""Measuring tools the benchmark (bench/) and the Performance chapter share: interleaved timers
+(CUDA events on a GPU, perf_counter on a CPU), copy bandwidth, bytes saved for backward,
+full-size passes over memory (a dispatch log) and NumPy's peak temporary memory.
+Book: book/performance.ipynb
+"""
 import gc
 import math
 import statistics
 import time
+import tracemalloc
 
 import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 # One timed sample lasts at least this long: a call shorter than that is repeated within the
@@ -100,3 +107,41 @@ def saved_extra_bytes(fn, inputs):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*inputs)
     return total
+
+
+class FullSizePasses(TorchDispatchMode):
+    """Within the block, logs each dispatched operator that reads or writes a tensor of `numel`
+    elements: `passes` holds (operator, full-size tensors read, written); `calls` counts every
+    operator of any size. Views and allocations move no data and are left out."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.passes, self.calls = numel, [], 0
+
+    def _full(self, tree):
+        """Distinct full-size tensors in tree: the same tensor passed twice is read once."""
+        return len({t.data_ptr() for t in tree_flatten(tree)[0]
+                    if isinstance(t, torch.Tensor) and t.numel() == self.numel})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls += 1
+        if not func.is_view and not func.__name__.startswith(("empty", "detach")):
+            inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # out= is written
+            reads, writes = self._full((args, inputs)), self._full(out)
+            if reads or writes:
+                self.passes.append((func.__name__, reads, writes))
+        return out
+
+
+def peak_in_tensors(fn, nbytes):
+    """Peak bytes NumPy allocates while fn runs (Python's tracemalloc), in units of nbytes."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        fn()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak / nbytes

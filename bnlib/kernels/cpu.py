@@ -1,10 +1,11 @@
-"""The compiled CPU kernel (bnlib/csrc/batch_norm_cpu.cpp), built with torch's C++ extension
+"""The compiled CPU backend (bnlib/kernels/cpu.cpp), built with torch's C++ extension
 loader the first time it is needed on a machine (about 10 s with g++), then loaded from cache.
 
-It computes what bnlib.functional's composed path computes, in one call per direction instead
+It computes what the composed backend computes, in one call per direction instead
 of about thirty dispatched operators, which is what small inputs spend their time on. Where it
-cannot be built (no compiler), bnlib says so once with a warning and keeps the composed path.
-Set BNLIB_CPU_KERNEL=0 to never try.
+cannot be built (no compiler), bnlib.kernels says so once with a warning and keeps the composed
+path. Set BNLIB_CPU_KERNEL=0 to never try.
+Book: book/performance.ipynb
 """
 import contextlib
 import hashlib
@@ -12,12 +13,11 @@ import os
 import platform
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
+SOURCE = Path(__file__).with_name("cpu.cpp")
 # The kernel is single-threaded; the composed path runs on all of torch's threads. Measured on a
 # 2-core machine (bench/, see the Performance chapter), the kernel is ahead of both torch's
 # native kernel and the composed path at 1024 x 1024 with one thread and level with native with
@@ -25,10 +25,6 @@ SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
 # threads cannot pay for themselves).
 MAX_NUMEL_ONE_THREAD = 1 << 21
 MIN_LIMIT = 1 << 16
-# Tests and the benchmark switch the kernel off to exercise or time the composed path.
-enabled = os.environ.get("BNLIB_CPU_KERNEL", "1") != "0"
-
-_status = {"loaded": False, "error": None}
 
 
 def _cpu_flags():
@@ -83,39 +79,19 @@ def _build_lock(directory):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+UNAVAILABLE = ("could not build the compiled CPU kernel, so small CPU inputs use the slower "
+               "composed path ({reason}). Set BNLIB_CPU_KERNEL=0 to skip the attempt.")
+
+
 def load():
-    """Build (once per machine) and load the kernel; True when torch.ops.bnlib is ready."""
-    if _status["loaded"]:
-        return True
-    if _status["error"] is not None:
-        return False
-    try:
-        from torch.utils.cpp_extension import load as load_extension
-        _ninja_on_path()
-        directory = build_directory()
-        os.makedirs(directory, exist_ok=True)
-        with _build_lock(directory):
-            load_extension(name="bnlib_cpu", sources=[str(SOURCE)], build_directory=directory,
-                           extra_cflags=_compile_flags(), is_python_module=False,
-                           verbose=False)
-        _status["loaded"] = True
-    except Exception as err:  # no compiler, no ninja, a failed build: keep the composed path
-        _status["error"] = f"{type(err).__name__}: {err}"
-        warnings.warn("bnlib: could not build the compiled CPU kernel, so small CPU inputs use "
-                      f"the slower composed path ({_status['error'].splitlines()[0]}). "
-                      "Set BNLIB_CPU_KERNEL=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
-    return _status["loaded"]
-
-
-@contextlib.contextmanager
-def use(on):
-    """Within the block, small CPU inputs take the kernel (on=True) or the composed path."""
-    global enabled
-    saved, enabled = enabled, bool(on)
-    try:
-        yield
-    finally:
-        enabled = saved
+    """Build (once per machine) and load the kernel, so torch.ops.bnlib is ready; raises if not."""
+    from torch.utils.cpp_extension import load as load_extension
+    _ninja_on_path()
+    directory = build_directory()
+    os.makedirs(directory, exist_ok=True)
+    with _build_lock(directory):
+        load_extension(name="bnlib_cpu", sources=[str(SOURCE)], build_directory=directory,
+                       extra_cflags=_compile_flags(), is_python_module=False, verbose=False)
 
 
 def max_numel():
@@ -134,22 +110,23 @@ def _ninja_on_path():
             pass
 
 
-def status():
-    """'loaded', 'disabled', 'not built yet' or the build error, for reports."""
-    if not enabled:
-        return "disabled"
-    if _status["loaded"]:
-        return "loaded"
-    return _status["error"] or "not built yet"
-
-
-def usable(x, *params):
+def takes(x, *params):
     """True when x (and the per-channel tensors in params) can go through the kernel."""
-    if not (enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and x.numel() <= max_numel()):
         return False
     if not (x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return False
-    if any(p is not None and (p.dtype != x.dtype or not p.is_contiguous()) for p in params):
-        return False
-    return load()
+    return all(p is None or (p.dtype == x.dtype and p.is_contiguous()) for p in params)
+
+
+def forward(x, weight, bias, running_mean, running_var, momentum, eps):
+    """(y, mean, invstd); the running statistics are updated in place, in C++."""
+    return torch.ops.bnlib.forward(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def backward(dy, x, weight, mean, invstd, need_dx=True):
+    """(dx or None, dl/dgamma, dl/dbeta)."""
+    dx, dweight, dbias = torch.ops.bnlib.backward(dy if dy.dtype == x.dtype else dy.to(x.dtype),
+                                                  x, weight, mean, invstd, need_dx)
+    return (dx if need_dx else None), dweight, dbias

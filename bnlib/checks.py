@@ -1,5 +1,18 @@
-"""Argument checks shared by the NumPy and torch paths: each error names the argument."""
+"""Argument checks and the channel-axis conventions shared by the NumPy and torch paths.
+
+Each error names the argument. The channel axis is 1; statistics are taken over every other axis.
+"""
 import math
+
+
+def reduce_axes(ndim):
+    """The axes a channel's statistics are taken over: every axis but 1."""
+    return (0,) + tuple(range(2, ndim))
+
+
+def per_channel(v, ndim):
+    """A (C,) vector shaped to broadcast against an (N, C, *) array or tensor."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def check_eps(eps):

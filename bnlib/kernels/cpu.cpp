@@ -1,23 +1,13 @@
-// Training-mode Batch Normalization on the CPU for small inputs, one call per direction.
-//
-// The formulas of bnlib.functional's composed path (derived in the book's backward chapter):
-// forward: two-pass statistics (a first mean c0, then sums of d = x - c0 and d^2), then
-// y = d * scale + shift; backward: the two per-channel reductions sum(dy) and
-// sum(dy (x - mean)) in one sweep over (dy, x), then one elementwise pass for dx.
-//
-// Accuracy: values are centred on a per-channel c0 before anything is squared or summed, so a
-// large common offset neither cancels (no E[x^2] - E[x]^2) nor rounds the deviations; partial
-// sums run in the input's dtype over at most 64 values and are added up in double.
-// Like torch's kernel, it saves only the per-channel mean and inverse std, in the input's
-// dtype; the backward centres x on that saved mean.
-//
-// Composed from torch operators the same work takes about 30 dispatched calls, which is where
-// small inputs spend their time; here it is two. Single-threaded: bnlib.functional uses it only
-// up to a size threshold (bnlib/_cpu_kernel.py).
-//
-// x is (N, C, *) and dense in one of two layouts, seen as (outer, C, inner): channel-major
-// (torch.contiguous_format) with inner = prod(*), or channel-innermost (2D, or 4D
-// torch.channels_last) with outer = N * prod(*) and inner = 1.
+// The CPU backend (loaded by cpu.py): training-mode BN for small inputs, one call per direction.
+// Same formulas as the composed backend (book/derivations/backward.ipynb): forward: two-pass
+// statistics (a first mean c0, then sums of d = x - c0 and d^2), y = d * scale + shift;
+// backward: sum(dy) and sum(dy (x - mean)) in one sweep over (dy, x), then dx in one pass.
+// Accuracy: values are centred on c0 before anything is squared or summed (no E[x^2] - E[x]^2,
+// no rounded deviations at a large offset); partial sums in the input's dtype over at most 64
+// values, then in double. Saves only the per-channel mean and inverse std, like torch's kernel.
+// Single-threaded: bnlib.kernels uses it up to a size threshold (cpu.py). x is (N, C, *) and
+// dense, seen as (outer, C, inner): channel-major with inner = prod(*), or channel-innermost
+// (2D, or 4D channels-last) with outer = N * prod(*) and inner = 1.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,9 +18,7 @@
 
 namespace {
 
-struct Layout {
-  int64_t outer, channels, inner;
-};
+struct Layout { int64_t outer, channels, inner; };
 
 Layout layout_of(const at::Tensor& x) {
   const int64_t n = x.size(0), c = x.size(1);
@@ -44,17 +32,12 @@ Layout layout_of(const at::Tensor& x) {
 
 // Values summed in the input's dtype before their partial sum is added into double: rows of a
 // channel-innermost layout, consecutive values of one channel in a channel-major one.
-constexpr int64_t kBlock = 16;
-constexpr int64_t kChunk = 64;
-
+constexpr int64_t kBlock = 16, kChunk = 64;
 // Channel-innermost rows with few channels are walked R at a time, as one wide row of
 // W = R * C values with every per-channel vector repeated R times, so that the vector loop is
 // long enough to pay for itself (16 channels would otherwise mean loops of 16).
 constexpr int64_t kWideRow = 256;
-
-int64_t rows_per_wide_row(int64_t channels) {
-  return std::max<int64_t>(1, kWideRow / channels);
-}
+int64_t rows_per_wide_row(int64_t channels) { return std::max<int64_t>(1, kWideRow / channels); }
 
 template <typename T>
 std::vector<T> repeated(const T* v, int64_t channels, int64_t times) {
@@ -78,14 +61,11 @@ void centred_sums(const scalar_t* a, const scalar_t* b, const scalar_t* center, 
     scalar_t *p1 = t1.data(), *p2 = t2.data();
     // Partial sums of at most kBlock (wide) rows, then into double.
     auto flush = [&]() {
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t c = 0; c < C; ++c) {
-          s1[c] += p1[r * C + c];
-          if (kSecond) s2[c] += p2[r * C + c];
-        }
+      for (int64_t j = 0; j < W; ++j) {  // element j of a wide row is in channel j % C
+        s1[j % C] += p1[j];
+        if (kSecond) s2[j % C] += p2[j];
       }
-      std::fill(t1.begin(), t1.end(), scalar_t(0));
-      std::fill(t2.begin(), t2.end(), scalar_t(0));
+      std::fill(t1.begin(), t1.end(), scalar_t(0)), std::fill(t2.begin(), t2.end(), scalar_t(0));
     };
     auto accumulate = [&](int64_t offset, int64_t n) {
       const scalar_t* br = b + offset;
@@ -171,6 +151,10 @@ template <typename scalar_t>
 const scalar_t* data_or_null(const c10::optional<at::Tensor>& t) {
   return t && t->defined() ? t->const_data_ptr<scalar_t>() : nullptr;
 }
+template <typename scalar_t>
+scalar_t* mutable_or_null(const c10::optional<at::Tensor>& t) {
+  return t && t->defined() ? t->mutable_data_ptr<scalar_t>() : nullptr;
+}
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
@@ -179,9 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const c10::optional<at::Tensor>& running_var, double momentum, double eps) {
   const Layout L = layout_of(x);
   const int64_t C = L.channels;
-  const double m = static_cast<double>(L.outer * L.inner);
+  const double m = static_cast<double>(L.outer * L.inner);  // values per channel
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-
   // First pass: a first mean c0 (its rounding is corrected below).
   std::vector<scalar_t> zero(C, scalar_t(0)), c0(C);
   std::vector<double> sum_x(C, 0.0);
@@ -190,15 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // Second pass: sum(d) and sum(d^2), d = x - c0; mean(d) is c0's error.
   std::vector<double> sum_d(C, 0.0), sum_dd(C, 0.0);
   centred_sums<scalar_t, false>(nullptr, xp, c0.data(), L, sum_d.data(), sum_dd.data());
-
   auto opts = x.options();
   at::Tensor save_mean = at::empty({C}, opts), save_invstd = at::empty({C}, opts);
   scalar_t *smp = save_mean.mutable_data_ptr<scalar_t>(), *sip = save_invstd.mutable_data_ptr<scalar_t>();
   const scalar_t *wp = data_or_null<scalar_t>(weight), *bp = data_or_null<scalar_t>(bias);
-  scalar_t* rmp = running_mean && running_mean->defined()
-                      ? running_mean->mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* rvp = running_var && running_var->defined()
-                      ? running_var->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t *rmp = mutable_or_null<scalar_t>(running_mean), *rvp = mutable_or_null<scalar_t>(running_var);
   std::vector<scalar_t> scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
     const double dmean = sum_d[c] / m;
@@ -215,7 +194,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     if (rmp) rmp[c] = static_cast<scalar_t>((1 - momentum) * double(rmp[c]) + momentum * mean);
     if (rvp) rvp[c] = static_cast<scalar_t>((1 - momentum) * double(rvp[c]) + momentum * var * m / (m - 1));
   }
-
   at::Tensor y = at::empty_like(x);
   centred_affine<scalar_t, false>(nullptr, xp, c0.data(), nullptr, scale.data(), shift.data(), L,
                                   y.mutable_data_ptr<scalar_t>());
@@ -228,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool need_dx) {
   const Layout L = layout_of(x);
   const int64_t C = L.channels;
-  const double m = static_cast<double>(L.outer * L.inner);
+  const double m = static_cast<double>(L.outer * L.inner);  // values per channel
   // dy in the layout layout_of chose for x, so both are walked with the same offsets. (Not
   // x.suggest_memory_format(): its stride heuristic can name the other layout when a size-1
   // axis has an unusual stride, e.g. a single HWC image permuted to (1, C, H, W).)
@@ -237,31 +215,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t *mean = save_mean.const_data_ptr<scalar_t>(), *invstd = save_invstd.const_data_ptr<scalar_t>();
   const scalar_t* wp = data_or_null<scalar_t>(weight);
-
   // Both reductions in one sweep: sum(dy) and sum(dy (x - mean)).
   std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
   centred_sums<scalar_t, true>(dyp, xp, mean, L, sum_dy.data(), sum_dy_xmu.data());
-
   auto opts = x.options();
   at::Tensor dweight = at::empty({C}, opts), dbias = at::empty({C}, opts);
   scalar_t *dwp = dweight.mutable_data_ptr<scalar_t>(), *dbp = dbias.mutable_data_ptr<scalar_t>();
-  // dx = g (dy - sum(dy)/m - x_hat sum(dy x_hat)/m), g = gamma invstd, written per channel
-  // as dx = g dy + k (x - mean) + b.
-  std::vector<scalar_t> g(C), k(C), b(C);
+  // dx = a dy + b x_hat + c per channel (the book's coefficients: a = gamma invstd,
+  // b = -a sum(dy x_hat) / m, c = -a sum(dy) / m), written as a dy + (b invstd) (x - mean) + c.
+  std::vector<scalar_t> coef_a(C), coef_b_invstd(C), coef_c(C);
   for (int64_t c = 0; c < C; ++c) {
     const double is = double(invstd[c]);
     dwp[c] = static_cast<scalar_t>(sum_dy_xmu[c] * is);  // dl/dgamma = sum(dy x_hat)
     dbp[c] = static_cast<scalar_t>(sum_dy[c]);        // dl/dbeta = sum(dy)
-    const double gc = wp ? is * double(wp[c]) : is;
-    const double kc = -gc * is * is * sum_dy_xmu[c] / m;
-    g[c] = static_cast<scalar_t>(gc);
-    k[c] = static_cast<scalar_t>(kc);
-    b[c] = static_cast<scalar_t>(-gc * sum_dy[c] / m);
+    const double a = wp ? is * double(wp[c]) : is;
+    coef_a[c] = static_cast<scalar_t>(a);
+    coef_b_invstd[c] = static_cast<scalar_t>(-a * is * is * sum_dy_xmu[c] / m);
+    coef_c[c] = static_cast<scalar_t>(-a * sum_dy[c] / m);
   }
   if (!need_dx) return {at::Tensor(), dweight, dbias};
-
   at::Tensor dx = at::empty_like(x);
-  centred_affine<scalar_t, true>(dyp, xp, mean, g.data(), k.data(), b.data(), L,
+  centred_affine<scalar_t, true>(dyp, xp, mean, coef_a.data(), coef_b_invstd.data(), coef_c.data(), L,
                                  dx.mutable_data_ptr<scalar_t>());
   return {dx, dweight, dbias};
 }
@@ -272,9 +246,10 @@ void check_input(const at::Tensor& x, const char* name) {
               "bnlib CPU kernel: ", name, " must be float32 or float64, got ", x.scalar_type());
 }
 
-void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name,
-                 at::ScalarType dtype) {
+// A per-channel tensor: (C,), contiguous, on the CPU, in x's dtype.
+void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t || !t->defined()) return;
+  const auto dtype = x.scalar_type();
   TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu() && t->is_contiguous() &&
                   t->dim() == 1 && t->size(0) == x.size(1),
               "bnlib CPU kernel: ", name, " must be a contiguous CPU tensor of shape (",
@@ -289,10 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   TORCH_CHECK(x.dim() >= 2 && x.size(1) > 0 && x.numel() > x.size(1),
               "bnlib CPU kernel: input must be (N, C, *) with more than one value per channel, "
               "got shape ", x.sizes());
-  check_param(weight, x, "weight", x.scalar_type());
-  check_param(bias, x, "bias", x.scalar_type());
-  check_param(running_mean, x, "running_mean", x.scalar_type());
-  check_param(running_var, x, "running_var", x.scalar_type());
+  check_param(weight, x, "weight"), check_param(bias, x, "bias");
+  check_param(running_mean, x, "running_mean"), check_param(running_var, x, "running_var");
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_forward", [&] {
     return forward_impl<scalar_t>(x, weight, bias, running_mean, running_var, momentum, eps);
   });
@@ -306,9 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
               "bnlib CPU kernel: grad_output must have input's shape ", x.sizes(), " and dtype ",
               x.scalar_type(), ", got ", dy.sizes(), " ", dy.scalar_type());
-  check_param(weight, x, "weight", x.scalar_type());
-  check_param(save_mean, x, "save_mean", x.scalar_type());
-  check_param(save_invstd, x, "save_invstd", x.scalar_type());
+  check_param(weight, x, "weight"), check_param(save_mean, x, "save_mean");
+  check_param(save_invstd, x, "save_invstd");
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_backward", [&] {
     return backward_impl<scalar_t>(dy, x, weight, save_mean, save_invstd, need_dx);
   });
@@ -323,7 +295,4 @@ TORCH_LIBRARY(bnlib, m) {
         "Tensor save_invstd, bool need_dx) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(bnlib, CPU, m) {
-  m.impl("forward", forward);
-  m.impl("backward", backward);
-}
+TORCH_LIBRARY_IMPL(bnlib, CPU, m) { m.impl("forward", forward), m.impl("backward", backward); }
