@@ -47,10 +47,10 @@ step() {  # step NAME LIMIT_S COMMAND...: log to OUT/NAME.log, one line to summa
 cat "$OUT/summary.txt"
 # No addopts: the project's own (nbval) need the book's packages, which a GPU image may lack.
 PYTEST=(python3 -m pytest -q -o addopts=-ra -p no:cacheprovider)
-step triton_tests "$LIMIT_TESTS" "${PYTEST[@]}" tests/test_kernels_triton.py
+step triton_tests "$LIMIT_TESTS" "${PYTEST[@]}" tests/test_kernels_triton.py tests/test_parity.py
 # The files with CUDA cases (tests/bn_cases.py's DEVICES, and the CUDA graph test).
 step cuda_tests "$LIMIT_TESTS" "${PYTEST[@]}" -m cuda tests/test_functional.py tests/test_nn.py \
-    tests/test_experiments.py
+    tests/test_training.py
 step bench "$LIMIT_BENCH" python3 -m bench --device cuda --note "bench/gpu_check.sh"
 [[ $STEPS == *" bench "* ]] && cp bench/results/cuda.json bench/results/cuda.png "$OUT/bench/results/"
 # Recorded where the book reads it (paths in the JSON are relative to the repository root).
