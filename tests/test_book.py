@@ -12,7 +12,7 @@ TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 
 # The fixed layout of the book: _toc.yml must list exactly these, in this order.
 LAYOUT = [
-    "book/intro", "book/notation",
+    "book/intro", "book/questions", "book/notation",
     "book/derivations/transform", "book/derivations/bias_cancelled", "book/derivations/backward",
     "book/derivations/jacobian", "book/derivations/scale_invariance",
     "book/experiments/covariate_shift", "book/experiments/noisy_bn",
@@ -20,7 +20,7 @@ LAYOUT = [
     "book/experiments/gradients",
     "book/performance", "book/bibliography",
 ]
-MARKDOWN_PAGES = {"book/intro", "book/notation", "book/bibliography"}
+MARKDOWN_PAGES = {"book/intro", "book/questions", "book/notation", "book/bibliography"}
 CHAPTERS = [d for d in LAYOUT if d not in MARKDOWN_PAGES]
 REQUIRED_KEYS = [
     "ioffe2015batch", "ioffe2017batch", "santurkar2018how", "yang2019mean", "wu2021rethinking",
