@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 _SUBMODULES = ("reference", "functional", "kernels", "nn", "symbolic", "experiments", "plotting",
-               "measure", "chapter", "checks")
+               "measure", "chapter", "checks", "exercises", "grading")
 
 
 def __getattr__(name):

@@ -108,7 +108,8 @@ def _check_dy(dy, cache):
 
 
 def backward(dy, cache):
-    """Compact form: dx = gamma / (m sqrt(var + eps)) * (m dy - sum(dy) - x_hat * sum(dy x_hat)).
+    """Compact form: per channel dx = a dy + b x_hat + c, with a = gamma / sqrt(var + eps),
+    b = -a sum(dy x_hat) / m and c = -a sum(dy) / m.
 
     Two per-channel reductions (sum dy, sum dy*x_hat) and one elementwise pass.
     Returns (dx, dgamma, dbeta).
@@ -118,8 +119,9 @@ def backward(dy, cache):
     axes, nd, m = reduce_axes(dy.ndim), dy.ndim, cache.m
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * cache.x_hat).sum(axis=axes)
-    k = per_channel(cache.gamma * cache.inv_std / m, nd)
-    dx = k * (m * dy - per_channel(dbeta, nd) - cache.x_hat * per_channel(dgamma, nd))
+    a = cache.gamma * cache.inv_std
+    b, c = -a * dgamma / m, -a * dbeta / m
+    dx = per_channel(a, nd) * dy + per_channel(b, nd) * cache.x_hat + per_channel(c, nd)
     return dx, dgamma, dbeta
 
 

@@ -6,7 +6,7 @@ bnlib.symbolic.general); staged_kernels/compact_kernels: memory traffic of the t
 (bnlib.symbolic.passes); jacobian(m): d xhat / d x for a batch, and whitening(m): full whitening's
 Jacobian for two features (bnlib.symbolic.jacobian).
 """
-from bnlib.symbolic.general import General, general, split_sums
+from bnlib.symbolic.general import General, general, latex_general, split_sums
 from bnlib.symbolic.jacobian import (Jacobian, Whitening, closed_form, eigenvalues, jacobian,
                                      per_feature, structure, whitening)
 from bnlib.symbolic.partials import (STAGES, Partials, compact_dx, equal, latex, lambdify,
@@ -16,5 +16,5 @@ from bnlib.symbolic.passes import Kernel, compact_kernels, staged_kernels, traff
 
 __all__ = ["STAGES", "General", "Jacobian", "Kernel", "Partials", "Whitening", "closed_form",
            "compact_dx", "compact_kernels", "eigenvalues", "equal", "general", "jacobian", "latex",
-           "lambdify", "paper_forms", "partials", "per_feature", "reverse_mode", "split_sums",
+           "lambdify", "latex_general", "paper_forms", "partials", "per_feature", "reverse_mode", "split_sums",
            "staged_kernels", "structure", "total_derivative", "traffic", "vanishes", "whitening"]
