@@ -64,3 +64,20 @@ def test_layer_batch_stats_are_biased_and_leave_the_running_stats_alone():
     assert mean.tolist() == [3.0] and var == pytest.approx([14 / 3])   # (4 + 1 + 9) / 3
     assert model[0].running_mean.tolist() == [0.0] and model[0].running_var.tolist() == [1.0]
     assert not model.training                                          # its mode restored
+
+
+def test_trackers_skip_forward_passes_while_paused():
+    # A probe's forward pass in train mode (layer_batch_stats) is no training batch: paused, the
+    # trackers neither count it nor move their averages.
+    torch.manual_seed(0)
+    model = _bn_only().double().train()
+    trackers = S.StatTrackers(model, [0.5])
+    model(torch.randn(5, 3, dtype=torch.float64))
+    before = [a.copy() for a in trackers.stats["ema 0.5"][0]]
+    with trackers.paused():
+        S.layer_batch_stats(model, torch.randn(50, 3, dtype=torch.float64) + 10)
+    assert trackers.count == 1
+    assert all(np.array_equal(a, b) for a, b in zip(trackers.stats["ema 0.5"][0], before))
+    S.layer_batch_stats(model, torch.randn(50, 3, dtype=torch.float64) + 10)   # not paused
+    assert trackers.count == 2
+    trackers.remove()

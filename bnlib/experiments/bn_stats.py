@@ -5,6 +5,8 @@ alongside training, and the normalized inputs' second moment in eval mode.
 Used by inference_stats and variance_correction; every probe leaves the running statistics
 as it found them unless it says otherwise (set_running_stats).
 """
+import contextlib
+
 import numpy as np
 import torch
 
@@ -66,10 +68,13 @@ def set_running_stats(model, stats):
 
 
 class StatTrackers:
-    """EMA (several momenta) and cumulative averages of each BN layer's batch statistics, updated by hooks."""
+    """EMA (several momenta) and cumulative averages of each BN layer's batch statistics, updated by
+    hooks at every forward pass in train mode, except within `paused()` (a probe's forward passes
+    are not training batches)."""
 
     def __init__(self, model, momenta):
         self.layers, self.momenta, self.count = bn_layers(model), list(momenta), 0
+        self.active = True
         c = [b.num_features for b in self.layers]
         keys = [f"ema {p:g}" for p in self.momenta] + ["cumulative"]
         self.stats = {k: [(np.zeros(n), np.ones(n)) for n in c] for k in keys}
@@ -77,7 +82,7 @@ class StatTrackers:
 
     def _hook(self, l):
         def hook(mod, inp):
-            if not mod.training:
+            if not (mod.training and self.active):
                 return
             x = inp[0].detach().double().cpu().numpy()
             if l == 0:
@@ -89,6 +94,15 @@ class StatTrackers:
             self.stats["cumulative"][l] = reference.update_running_stats(rm, rv, x, momentum=None,
                                                                          count=self.count)
         return hook
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forward passes within the block leave the trackers as they are."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     def remove(self):
         for h in self.hooks:

@@ -44,7 +44,8 @@ def _estimators(cfg, data, device, seed, progress):
 
     def after(done, loss):
         if done > 0 and done % cfg["eval_every"] == 0:
-            ref = layer_batch_stats(model, x_tr)   # the whole training set as one batch
+            with trackers.paused():  # the whole training set as one batch, not a training step
+                ref = layer_batch_stats(model, x_tr)
             ref = [(m, reference.unbiased(v, len(x_tr))) for m, v in ref]
             trace["step"].append(done)
             for k, st in trackers.stats.items():
