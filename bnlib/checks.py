@@ -1,8 +1,16 @@
 """Argument checks and the channel-axis conventions shared by the NumPy and torch paths.
 
 Each error names the argument. The channel axis is 1; statistics are taken over every other axis.
+The torch-side checks (check_eps_for, check_momentum_for, check_param_dtypes) accept what
+torch.nn.functional.batch_norm accepts and reject what it rejects; the few places where they are
+stricter are listed, with torch's behaviour beside each, in the README ("bnlib and torch: the
+drop-in policy").
 """
 import math
+
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def reduce_axes(ndim):
@@ -15,14 +23,50 @@ def per_channel(v, ndim):
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _real(value, name, expected):
+    """value as a Python float: ints, floats, bools and one-element tensors, as torch takes them."""
+    if type(value) is float:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
 def check_eps(eps):
+    """For the NumPy reference: eps a positive finite float."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
 
 
+def check_eps_for(eps, training):
+    """As torch: eps > 0 in training, eps >= 0 in eval. Stricter: NaN and inf are refused (torch
+    returns NaN, or y = bias with a zero gradient, without a word). Returns eps as a float."""
+    value = _real(eps, "eps", "a float")
+    if not math.isfinite(value):
+        raise ValueError(f"eps must be a finite float, got {eps!r}")
+    if training and value <= 0:
+        raise ValueError(f"eps must be positive during training, got {eps!r}")
+    if value < 0:
+        raise ValueError(f"eps must be non-negative, got {eps!r}")
+    return value
+
+
+def check_momentum_for(momentum, training):
+    """As torch: any float (None is a TypeError, as in torch.nn.functional.batch_norm; the modules
+    turn None into a cumulative average first). Only used in training, where it must be finite
+    (stricter: torch writes NaN or inf into the running statistics)."""
+    value = _real(momentum, "momentum", "a float")
+    if training and not math.isfinite(value):
+        raise ValueError(f"momentum must be a finite float in training, got {momentum!r}")
+    return value
+
+
 def check_momentum(momentum, allow_none=False):
+    """For the NumPy reference: momentum in [0, 1] (or None where allowed)."""
     if momentum is None and allow_none:
         return
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
@@ -55,12 +99,29 @@ def check_batch_for_training(shape, name="x"):
             "in training need more than 1 value per channel")
 
 
-def check_channel_param(param, num_channels, name):
-    """A per-channel parameter (gamma, beta, mean, var) must have shape (C,)."""
+def check_channel_param(param, num_channels, name, any_shape=False):
+    """A per-channel parameter (gamma, beta, mean, var) must have shape (C,); with any_shape
+    (torch's rule for weight and bias), any shape of C elements."""
     if param is None:
         return
     shape = tuple(param.shape)
-    if shape != (num_channels,):
+    if shape != (num_channels,) and not (any_shape and param.numel() == num_channels):
+        what = f"{num_channels} elements" if any_shape else f"shape ({num_channels},)"
         raise ValueError(
-            f"{name} must have shape ({num_channels},) to match the {num_channels} "
-            f"channels on axis 1, got {shape}")
+            f"{name} must have {what} to match the {num_channels} channels on axis 1, got {shape}")
+
+
+def check_param_dtypes(input, tensors):
+    """As torch on CPU: the per-channel tensors share one dtype, the input's, or float32 when the
+    input is float16/bfloat16. tensors: (name, tensor or None) pairs."""
+    given = [(n, t) for n, t in tensors if t is not None]
+    if not given:
+        return
+    dtype = given[0][1].dtype
+    allowed = (input.dtype, torch.float32) if input.dtype in HALF else (input.dtype,)
+    for name, t in given:
+        if t.dtype != dtype or dtype not in allowed:
+            also = " (or all float32)" if input.dtype in HALF else ""
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but input is {input.dtype}: weight, bias, "
+                f"running_mean and running_var must all have the input's dtype{also}")

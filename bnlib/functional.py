@@ -11,9 +11,9 @@ backend runs a call (compiled CPU, Triton, composed ATen, or this formula) is bn
 import torch
 
 from bnlib import kernels
-from bnlib.checks import (check_batch_for_training, check_channel_param, check_eps,
-                          check_input_shape, check_momentum, per_channel, reduce_axes,
-                          values_per_channel)
+from bnlib.checks import (check_batch_for_training, check_channel_param, check_eps_for,
+                          check_input_shape, check_momentum_for, check_param_dtypes, per_channel,
+                          reduce_axes, values_per_channel)
 
 
 def _as(t, dtype):
@@ -72,43 +72,103 @@ def formula_forward(x, weight, bias, eps):
     return y, mean, var, invstd
 
 
-def _as(t, dtype):
-    """t in dtype; t itself when it already is (a no-op .to still costs a dispatch, a few
-    microseconds, which matters to the smallest inputs: see the Performance chapter)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def path_for(x, weight=None, bias=None, running_mean=None, running_var=None):
     """Which backend a training-mode call on these tensors runs on: 'cpu', 'triton', 'composed'
     or 'formula' (see bnlib.kernels)."""
     return kernels.select(x, weight, bias, running_mean, running_var)
 
 
+def _compiling():
+    return False
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or _compiling
+# True for a tensor wrapped by a torch.func transform (vmap's batched, grad's tracking tensors).
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def transformed(x):
+    """True under a torch.func transform (x is wrapped) or while torch.compile traces: there only
+    the formula runs, since the compiled backends have no batching rule or fake implementation."""
+    return _is_compiling() or _is_wrapped(x)
+
+
+def layout_like_torch(y, x):
+    """y laid out as torch lays out its output for x: channels-last where x is, else contiguous
+    (a transposed or sliced x gives a contiguous y, so y.view(-1) works as it does on torch's)."""
+    if y.is_contiguous():
+        return y
+    for fmt, nd in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.ndim == nd and x.is_contiguous(memory_format=fmt):
+            return y.contiguous(memory_format=fmt)
+    return y.contiguous()
+
+
+def _jvp_formula(x, weight, mean, invstd, dx, dweight, dbias):
+    """Forward mode, the book's Jacobian applied to a tangent: per channel
+    dy = gamma invstd (dx - mean(dx) - x_hat mean(dx x_hat)) + dgamma x_hat + dbeta
+    (from d x_hat = invstd (dx - d mu) + (x - mu) d invstd, d mu = mean(dx) and
+    d invstd = -invstd^3 mean((x - mu) dx)). Tangents may be None (zero)."""
+    nd, dims, cdt = x.ndim, reduce_axes(x.ndim), mean.dtype
+    x_hat = (x.to(cdt) - per_channel(mean, nd)) * per_channel(invstd, nd)
+    dy = torch.zeros_like(x_hat)
+    if dx is not None:
+        dxc = dx.to(cdt)
+        centred = dxc - dxc.mean(dims, keepdim=True) - x_hat * (dxc * x_hat).mean(dims, keepdim=True)
+        a = invstd if weight is None else invstd * weight.to(cdt)
+        dy = dy + centred * per_channel(a, nd)
+    if dweight is not None:
+        dy = dy + x_hat * per_channel(dweight.to(cdt), nd)
+    if dbias is not None:
+        dy = dy + per_channel(dbias.to(cdt), nd)
+    return dy.to(x.dtype)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN: forward normalizes with batch statistics; backward is the compact form.
 
     bnlib.kernels picks the backend (its name is kept as grad_fn.backend); where none takes the
-    tensors, the formula above runs in the compute dtype. Only x, the weight and the per-channel
-    mean and inverse std are saved (on the Triton backend also the mean's float32 rounding
-    error); the running statistics, if given, are updated in place.
-    Double backward is supported: under create_graph=True the backward recomputes the batch
-    statistics from x with autograd on, so the compact form can itself be differentiated.
+    tensors, or under torch.func transforms and torch.compile, the formula above runs in the
+    compute dtype. Only x, the weight and the per-channel mean and inverse std are saved (on the
+    Triton backend also the mean's float32 rounding error); the running statistics, if given,
+    are updated in place. apply returns (y, mean, invstd, extra, backend); all but y are
+    non-differentiable.
+    Double backward: under create_graph=True the backward recomputes the batch statistics from x
+    with autograd on, so the compact form can itself be differentiated. Forward mode: `jvp`
+    (_jvp_formula). torch.func.vmap: a generated rule (every op of the formula path has one).
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
+    def forward(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
+        if transformed(x):
+            y, mean, var, invstd = formula_forward(x, weight, bias, eps)
+            kernels.composed.update_running_stats(running_mean, running_var, mean, var,
+                                         values_per_channel(x.shape), momentum)
+            name, saved = "formula", (mean, invstd)
+        else:
+            name, y, saved = kernels.forward(x, weight, bias, running_mean, running_var,
+                                             momentum, eps, formula_forward)
+            y = layout_like_torch(y, x)
+        extra = saved[2] if len(saved) > 2 else None
+        return y, saved[0], saved[1], extra, name
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs[:4]
+        _, mean, invstd, extra, ctx.backend = output
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.backend, y, saved = kernels.forward(x, weight, bias, running_mean, running_var,
-                                                momentum, eps, formula_forward)
+        saved = (mean, invstd) if extra is None else (mean, invstd, extra)
+        ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(x, weight, *saved)
-        return y
+        ctx.save_for_forward(x, weight, mean, invstd)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_):
         x, weight, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: keep the statistics' dependence on x
+        if torch.is_grad_enabled() or transformed(dy):  # create_graph=True, or torch.func
             mean, var = batch_stats(x)
             invstd = torch.rsqrt(var + ctx.eps)
             dx, dweight, dbias = compact_backward(dy, x, weight, mean, invstd, need)
@@ -120,6 +180,11 @@ class BatchNormFunction(torch.autograd.Function):
                 _as(dweight, weight.dtype) if weight is not None and need[1] else None,
                 _as(dbias, ctx.bias_dtype) if need[2] else None,
                 None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):
+        x, weight, mean, invstd = ctx.saved_tensors[:4]
+        return _jvp_formula(x, weight, mean, invstd, dx, dweight, dbias), None, None, None, None
 
 
 def _check_tensor(t, name, device):
@@ -135,23 +200,52 @@ def _check_tensor(t, name, device):
 
 
 def check_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """Every check batch_norm makes, before anything is computed or mutated."""
+    """Every check batch_norm makes, before anything is computed or mutated: what torch accepts
+    passes, what it rejects fails (with an error naming the argument). Returns (momentum, eps)
+    as floats."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"input must have a floating dtype, got {input.dtype}")
-    check_input_shape(input.shape, "input")
-    check_eps(eps)
-    c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
+    if type(training) is not bool:
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not (input.ndim == 1 and input.numel() == 0):  # torch takes an empty (0,) input (C = 0)
+        check_input_shape(input.shape, "input")
+    eps = check_eps_for(eps, training)
+    momentum = check_momentum_for(momentum, training)
+    c = input.shape[1] if input.ndim > 1 else 0
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         f"None, got running_mean={_kind(running_mean)}, "
+                         f"running_var={_kind(running_var)}")
+    params = (("running_mean", running_mean), ("running_var", running_var),
+              ("weight", weight), ("bias", bias))
+    for name, t in params:
         _check_tensor(t, name, input.device)
-        check_channel_param(t, c, name)
+        check_channel_param(t, c, name, any_shape=name in ("weight", "bias"))
+    check_param_dtypes(input, params)
     if training:
-        check_momentum(momentum)
-        check_batch_for_training(input.shape, "input")
-    elif running_mean is None or running_var is None:
+        if input.numel() > 0:
+            check_batch_for_training(input.shape, "input")
+    elif running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
+    return momentum, eps
+
+
+def _kind(t):
+    return "None" if t is None else "a tensor"
+
+
+def _empty_output(x, weight, bias):
+    """torch's answer for an input with no values: an empty output, running statistics untouched.
+    It stays connected to x, weight and bias, so their gradients are (empty or) zero."""
+    shaped = (lambda t: t) if x.ndim == 1 else (lambda t: per_channel(t, x.ndim))
+    y = x.clone()
+    if weight is not None:
+        y = y * shaped(weight)
+    if bias is not None:
+        y = y + shaped(bias)
+    return y
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -161,9 +255,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     training=True: normalize with the batch's mean and biased variance; if running stats are
     given, update them in place: r <- (1 - momentum) r + momentum * batch_stat, with the
     unbiased (m/(m-1)) batch variance. training=False: Algorithm 2 with the running stats.
+    An input with no values gives an empty output and leaves the running statistics as they are.
     Book: book/derivations/transform.ipynb
     """
-    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    momentum, eps = check_args(input, running_mean, running_var, weight, bias, training,
+                               momentum, eps)
+    if weight is not None and weight.ndim != 1:
+        weight = weight.reshape(-1)
+    if bias is not None and bias.ndim != 1:
+        bias = bias.reshape(-1)
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
     nd = input.ndim
     if not training:
         cdt = _compute_dtype(input.dtype)
@@ -173,6 +275,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         shift = -running_mean.to(cdt) * scale
         if bias is not None:
             shift = shift + bias.to(cdt)
-        return torch.addcmul(per_channel(shift, nd), input, per_channel(scale, nd)).to(input.dtype)
-
-    return BatchNormFunction.apply(input, weight, bias, eps, running_mean, running_var, momentum)
+        y = torch.addcmul(per_channel(shift, nd), input, per_channel(scale, nd)).to(input.dtype)
+        return layout_like_torch(y, input)
+    return BatchNormFunction.apply(input, weight, bias, eps, running_mean, running_var,
+                                   momentum)[0]

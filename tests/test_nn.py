@@ -1,4 +1,4 @@
-"""bnlib.nn modules as drop-ins for torch.nn.BatchNorm1d/2d."""
+"""bnlib.nn modules as drop-ins for torch.nn.BatchNorm1d/2d/3d."""
 import inspect
 
 import pytest
@@ -71,12 +71,71 @@ def test_state_dict_round_trip_both_ways(ours_cls, theirs_cls, shape):
     torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_old_state_dict_without_counter_loads():
-    m = bnn.BatchNorm1d(3)
-    state = m.state_dict()
-    del state["num_batches_tracked"]
-    m.load_state_dict(state)
-    assert int(m.num_batches_tracked) == 0
+def test_old_state_dict_without_counter_loads_as_in_torch():
+    """A state dict saved before num_batches_tracked existed (version < 2) loads with the counter
+    at 0; a current one without the key is refused, as torch refuses it (bnlib used to accept)."""
+    for cls in (bnn.BatchNorm1d, torch.nn.BatchNorm1d):
+        state = cls(3).state_dict()
+        del state["num_batches_tracked"]
+        with pytest.raises(RuntimeError, match="num_batches_tracked"):
+            cls(3).load_state_dict(state)
+        state._metadata[""]["version"] = 1
+        m = cls(3)
+        m.num_batches_tracked.fill_(5)
+        m.load_state_dict(state)
+        assert int(m.num_batches_tracked) == 5  # kept, as torch keeps it
+
+
+@pytest.mark.parametrize("cls,torch_cls", [(bnn.BatchNorm1d, torch.nn.BatchNorm1d),
+                                           (bnn.BatchNorm2d, torch.nn.BatchNorm2d),
+                                           (bnn.BatchNorm3d, torch.nn.BatchNorm3d)])
+def test_layers_are_torch_bn_layers(cls, torch_cls):
+    """torch's tools find BN layers by class: ours are torch's subclasses, with torch's repr."""
+    layer = cls(3, bias=False)
+    assert isinstance(layer, torch_cls) and isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+    assert repr(layer) == repr(torch_cls(3, bias=False)).replace(torch_cls.__name__, cls.__name__)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(cls(3)))
+    assert isinstance(synced[0], torch.nn.SyncBatchNorm)
+    assert type(layer).forward is not torch_cls.forward  # bnlib's own forward runs
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (5, 3, 0)])
+def test_empty_batch_is_counted_and_leaves_running_stats(shape):
+    """As torch: an empty batch gives an empty output, counts as a batch and leaves the running
+    statistics as they are (a short last shard in data-parallel training, detection heads)."""
+    ours, theirs = bnn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    ours(torch.randn(4, 3)), theirs(torch.randn(4, 3))
+    before = ours.running_mean.clone(), ours.running_var.clone()
+    x = torch.randn(shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == theirs(x).shape == x.shape
+    y.sum().backward()
+    assert torch.equal(ours.weight.grad, torch.zeros(3)) and torch.equal(ours.bias.grad, torch.zeros(3))
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
+    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+
+
+def test_batchnorm3d_matches_torch():
+    ours, theirs = (cls(3, dtype=torch.float64) for cls in (bnn.BatchNorm3d, torch.nn.BatchNorm3d))
+    x = torch.randn(2, 3, 2, 3, 2, dtype=torch.float64) * 2 + 1
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile(backend):
+    """torch.compile traces bnlib's formula path (the compiled backends have no fake kernels)."""
+    ours = bnn.BatchNorm2d(3, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    compiled = torch.compile(ours, backend=backend)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    y, want_y = compiled(x), theirs(x)
+    torch.testing.assert_close(y, want_y, **TOL)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
+    (want,) = torch.autograd.grad(want_y.pow(2).sum(), x)
+    torch.testing.assert_close(gx, want, **TOL)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL)
 
 
 def test_affine_false_and_no_running_stats_match_torch():
