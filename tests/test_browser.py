@@ -1,4 +1,11 @@
-"""The built HTML book, read the way a reader reads it: every page of _toc.yml in headless Chromium."""
+"""The built HTML book, read the way a reader reads it: every page of _toc.yml in headless Chromium,
+on a desktop screen and on a phone.
+
+BOOK_HTML names the built book to test (relative to the repository root, or absolute); default
+_build/html, which is built from the stored outputs first when it is missing. A BOOK_HTML that
+has no index.html fails instead of being built, so a build of one's own elsewhere is tested as
+it is. Screenshots go to screenshots/ beside that folder (_build/screenshots by default).
+"""
 import functools
 import http.server
 import os
@@ -13,8 +20,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-HTML = ROOT / "_build" / "html"
-SCREENSHOTS = ROOT / "_build" / "screenshots"
+HTML = ROOT / os.environ["BOOK_HTML"] if os.environ.get("BOOK_HTML") else ROOT / "_build" / "html"
+SCREENSHOTS = HTML.parent / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-quic", "--no-first-run", "--disable-component-update",
@@ -22,6 +29,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # Per page: loading, typesetting and a full-page screenshot take a few seconds on 2 cores;
 # 120 s only catches a page that never finishes.
 PAGE_TIMEOUT_MS = 120_000
+# Each page is read at both widths: the theme's desktop layout, and a 390-px phone (an iPhone
+# 12-15's width in CSS pixels, the narrowest width the book's figures and equations are made for).
+# Desktop emulation (no is_mobile): a mobile browser would zoom out to fit an overflowing page,
+# which hides exactly the overflow this test looks for.
+VIEWPORTS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+# scrollWidth and innerWidth are whole pixels and scrollWidth rounds the fractional right edge of
+# the content, so a page whose content ends exactly at the edge can read 1 px over; a word, table
+# or figure too wide for the screen is many pixels over.
+OVERFLOW_TOLERANCE_PX = 1
 
 
 def toc_docnames():
@@ -55,7 +71,11 @@ def expected_colab_url(docname):
 
 @pytest.fixture(scope="module")
 def built_book():
-    """_build/html, built from the stored outputs first if it is missing (never skipped)."""
+    """The book under test: _build/html, built from the stored outputs first if it is missing
+    (never skipped); a BOOK_HTML folder is never built into."""
+    if os.environ.get("BOOK_HTML") and not (HTML / "index.html").exists():
+        pytest.fail(f"BOOK_HTML={os.environ['BOOK_HTML']}: no index.html in {HTML}; build the book "
+                    "there first (jupyter-book build . --path-output DIR puts it in DIR/_build/html)")
     if not (HTML / "index.html").exists():
         # Build with the environment running this test; -o: take it as installed already.
         venv = os.path.relpath(sys.prefix, ROOT)
@@ -124,6 +144,48 @@ _PAGE_FACTS_JS = r"""
 }
 """
 
+# JavaScript run in the page: null if the document is no wider than the viewport, else the widths
+# and the element that makes it wider. Candidates are elements whose box or content reaches past
+# the right edge, outside any box that clips or scrolls horizontally (such a box keeps its content
+# off the page's width) and not fixed to the viewport; of those reaching furthest, the innermost
+# (the last in document order) is the one to fix: the word, table or figure itself.
+_OVERFLOW_JS = r"""
+(tol) => {
+  const vw = window.innerWidth, sw = document.scrollingElement.scrollWidth;
+  if (sw <= vw + tol) return null;
+  const clips = (el) => getComputedStyle(el).overflowX !== 'visible';
+  const candidates = [];
+  for (const el of document.body.querySelectorAll('*')) {
+    const style = getComputedStyle(el);
+    if (style.position === 'fixed' || style.display === 'none') continue;
+    const r = el.getBoundingClientRect();
+    const reach = window.scrollX + (clips(el) ? r.right : Math.max(r.right, r.left + el.scrollWidth));
+    if (reach <= vw + tol) continue;
+    let a = el.parentElement;
+    while (a && a !== document.body && !clips(a)) a = a.parentElement;
+    if (a && a !== document.body) continue;
+    candidates.push({el: el, reach: reach});
+  }
+  const name = (el) => el.tagName.toLowerCase() + (el.id ? '#' + el.id : '') +
+      Array.from(el.classList).slice(0, 3).map(c => '.' + c).join('');
+  let culprit = null;
+  if (candidates.length) {
+    const furthest = Math.max(...candidates.map(c => c.reach));
+    culprit = candidates.filter(c => c.reach >= furthest - 1).pop();
+  }
+  let where = '';
+  if (culprit) {
+    const path = [];
+    for (let a = culprit.el; a && a !== document.body && path.length < 4; a = a.parentElement) path.unshift(name(a));
+    let section = culprit.el.closest('section[id], div[id]');
+    where = path.join(' > ') + (section ? ' (in #' + section.id + ')' : '') + ': "' +
+        (culprit.el.textContent || culprit.el.getAttribute('src') || '').trim().replace(/\s+/g, ' ').slice(0, 80) +
+        '", reaching ' + Math.round(culprit.reach) + ' px';
+  }
+  return {scrollWidth: sw, innerWidth: vw, culprit: where || 'no single element found'};
+}
+"""
+
 # TeX that MathJax should have replaced: $...$, $$, \( \) \[ \] and backslash commands.
 _RAW_TEX = re.compile(r"\$[^$\s][^$]*\$|\$\$|\\\(|\\\)|\\\[|\\\]|\\[A-Za-z]{2,}")
 
@@ -138,14 +200,15 @@ def _local_file(url, base):
 
 
 @pytest.mark.parametrize("docname", toc_docnames())
-def test_page_in_browser(docname, site, browser):
+@pytest.mark.parametrize("screen", list(VIEWPORTS))
+def test_page_in_browser(screen, docname, site, browser):
     source = source_of(docname)
     assert source is not None, f"{docname} is listed in _toc.yml but has no .ipynb/.md source"
     page_file = HTML / f"{docname}.html"
     assert page_file.exists(), f"{page_file.relative_to(ROOT)} was not built"
 
     errors, offsite, bad_responses = [], [], []
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport=VIEWPORTS[screen])
     page.set_default_timeout(PAGE_TIMEOUT_MS)
 
     # The book must read offline: any request off the loopback site is recorded and refused.
@@ -171,9 +234,10 @@ def test_page_in_browser(docname, site, browser):
         page.wait_for_load_state("networkidle")
         page.evaluate("() => document.fonts.ready.then(() => true)")
         facts = page.evaluate(_PAGE_FACTS_JS)
+        overflow = page.evaluate(_OVERFLOW_JS, OVERFLOW_TOLERANCE_PX)
         # The whole page, and its first screen (what a reader sees on arrival).
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shot = SCREENSHOTS / docname.replace("/", "__")
+        shot = SCREENSHOTS / (docname.replace("/", "__") + ("" if screen == "desktop" else f".{screen}"))
         page.screenshot(path=f"{shot}.png", full_page=True, animations="disabled")
         page.screenshot(path=f"{shot}.top.png", animations="disabled")
     finally:
@@ -182,6 +246,13 @@ def test_page_in_browser(docname, site, browser):
     assert not errors, f"{docname}: console errors: {errors}"
     assert not bad_responses, f"{docname}: failed responses: {bad_responses}"
     assert not offsite, f"{docname}: requests that left the site (the book must read offline): {offsite}"
+
+    # The page fits the screen: the document is no wider than the viewport, so a reader never
+    # scrolls the whole page sideways (wide tables, code and equations scroll in their own boxes).
+    assert overflow is None, (
+        f"{docname} at {VIEWPORTS[screen]['width']} px ({screen}): the page is "
+        f"{overflow['scrollWidth']} px wide, wider than the {overflow['innerWidth']} px screen; "
+        f"widest element: {overflow['culprit']}")
 
     # Math: served from the build and typeset; every math node became an mjx-container.
     if facts["mathNodes"]:
