@@ -173,9 +173,17 @@ class BatchNormFunction(torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
             dx, dweight, dbias = compact_backward(dy, x, weight, mean, invstd, need)
         else:
-            dx, dweight, dbias = kernels.backward(
-                ctx.backend, dy, x, weight, saved, need[0],
-                lambda *args: compact_backward(*args, needs_input_grad=need))
+            try:
+                dx, dweight, dbias = kernels.backward(
+                    ctx.backend, dy, x, weight, saved, need[0],
+                    lambda *args: compact_backward(*args, needs_input_grad=need))
+            except RuntimeError as err:
+                # torch's legacy vmap (gradcheck's batched-gradient check) wraps dy in a way no
+                # public call detects, and refuses the backends' in-place steps on it; the
+                # formula has none (and backward changes nothing before it fails).
+                if "vmap" not in str(err):
+                    raise
+                dx, dweight, dbias = compact_backward(dy, x, weight, saved[0], saved[1], need)
         return (None if dx is None else _as(dx, x.dtype),
                 _as(dweight, weight.dtype) if weight is not None and need[1] else None,
                 _as(dbias, ctx.bias_dtype) if need[2] else None,

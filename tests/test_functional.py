@@ -190,3 +190,110 @@ def test_float32_large_offset_gradients_at_least_as_accurate_as_torch_cpu():
     # A formula or cancellation error would be O(1).
     err_dx, err_dgamma = ours
     assert err_dx < 1e-4 and err_dgamma < 3e-3, ours
+
+
+# --- issue 13: bnlib as a drop-in (each test below fails on the code before it) ---------------
+
+def _case(shape=(6, 3, 2), seed=11):
+    gen = torch.Generator().manual_seed(seed)
+    x = 1 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    w = torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(shape[1], generator=gen, dtype=torch.float64)
+    return x, w, b
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_func_transforms_match_torch(training):
+    """grad, jacrev, jacfwd, vmap, vmap(grad) and jvp of bnlib equal torch's (before issue 13:
+    'must override the setup_context staticmethod' in training)."""
+    from torch.func import grad, jacfwd, jacrev, jvp, vmap
+    x, w, b = _case()
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    stats = (None, None) if training else (rm, rv)
+    ours = lambda x, w, b: BF.batch_norm(x, *stats, w, b, training=training)  # noqa: E731
+    theirs = lambda x, w, b: F.batch_norm(x, *stats, w, b, training=training)  # noqa: E731
+    for transform in (jacrev, jacfwd):
+        for i in range(3):
+            torch.testing.assert_close(transform(ours, argnums=i)(x, w, b),
+                                       transform(theirs, argnums=i)(x, w, b), **TOL)
+    loss = lambda f: (lambda x: f(x, w, b).pow(3).sum())  # noqa: E731
+    torch.testing.assert_close(grad(loss(ours))(x), grad(loss(theirs))(x), **TOL)
+    xs = torch.randn(4, *x.shape, dtype=torch.float64)
+    torch.testing.assert_close(vmap(ours, in_dims=(0, None, None))(xs, w, b),
+                               vmap(theirs, in_dims=(0, None, None))(xs, w, b), **TOL)
+    torch.testing.assert_close(vmap(grad(loss(ours)))(xs), vmap(grad(loss(theirs)))(xs), **TOL)
+    tangents = tuple(torch.randn_like(t) for t in (x, w, b))
+    torch.testing.assert_close(jvp(ours, (x, w, b), tangents)[1],
+                               jvp(theirs, (x, w, b), tangents)[1], **TOL)
+
+
+@pytest.mark.parametrize("which", ["x", "weight", "bias", "all"])
+def test_jvp_is_the_derived_formula_and_matches_torch_forward_ad(which):
+    """The jvp staticmethod (dy = gamma invstd (dx - mean(dx) - x_hat mean(dx x_hat))
+    + dgamma x_hat + dbeta) against torch's own forward AD through its batch_norm."""
+    import torch.autograd.forward_ad as fwAD
+    x, w, b = _case((5, 4, 3))
+    tangents = {n: torch.randn_like(t) if which in (n, "all") else None
+                for n, t in (("x", x), ("weight", w), ("bias", b))}
+    results = []
+    for fn in (BF.batch_norm, F.batch_norm):
+        with fwAD.dual_level():
+            duals = [t if tangents[n] is None else fwAD.make_dual(t, tangents[n])
+                     for n, t in (("x", x), ("weight", w), ("bias", b))]
+            y = fn(duals[0], None, None, duals[1], duals[2], training=True)
+            results.append(fwAD.unpack_dual(y).tangent)
+    torch.testing.assert_close(results[0], results[1], **TOL)
+
+
+def test_gradcheck_with_forward_ad_and_batched_grad_in_training():
+    x, w, b = (t.requires_grad_() for t in _case((4, 3, 2)))
+    fn = lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b), check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("shape,stats", [((4, 0), False), ((0, 3), True), ((0, 3, 4), True),
+                                         ((2, 3, 0), True), ((0,), False), ((0, 3, 2, 2), True)])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_input_gives_an_empty_output_like_torch(shape, stats, training):
+    """Before issue 13: SIGFPE (composed path, C = 0) or 'more than one value per channel'."""
+    c = shape[1] if len(shape) > 1 else 0
+    rm, rv = (torch.zeros(c), torch.ones(c)) if stats or not training else (None, None)
+    x = torch.randn(shape)
+    y = BF.batch_norm(x, rm, rv, training=training)
+    want = F.batch_norm(x, None if rm is None else rm.clone(), None if rv is None else rv.clone(),
+                        training=training)
+    assert y.shape == want.shape == x.shape and y.stride() == want.stride()
+    if rm is not None:
+        assert torch.equal(rm, torch.zeros(c)) and torch.equal(rv, torch.ones(c))
+
+
+def test_empty_input_does_not_crash_the_process_on_the_composed_path():
+    """Run in a child process, so a crash shows as a signal instead of killing the test run."""
+    import subprocess
+    import sys
+    code = ("import torch; from bnlib import functional as BF; from bnlib import kernels\n"
+            "with kernels.use(cpu=False):\n"
+            "    print(tuple(BF.batch_norm(torch.randn(4, 0), None, None, training=True).shape))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "(4, 0)"
+
+
+@pytest.mark.parametrize("make_x", [
+    lambda: torch.randn(3, 4, dtype=torch.float64).t(),
+    lambda: torch.randn(8, 3, dtype=torch.float64)[::2],
+    lambda: torch.randn(2, 4, 3, 5, dtype=torch.float64).permute(0, 2, 1, 3),
+    lambda: torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last),
+    lambda: torch.randn(2, 3, 2, 4, 5, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last_3d),
+], ids=["transposed", "sliced", "permuted", "channels_last", "channels_last_3d"])
+@pytest.mark.parametrize("training", [True, False])
+def test_output_strides_are_torch_s(make_x, training):
+    """Before issue 13 a transposed input gave a transposed output, and y.view(-1) raised."""
+    x = make_x()
+    rm, rv = torch.zeros(x.shape[1], dtype=x.dtype), torch.ones(x.shape[1], dtype=x.dtype)
+    y = BF.batch_norm(x, rm, rv, training=training)
+    want = F.batch_norm(x, rm.clone(), rv.clone(), training=training)
+    assert y.stride() == want.stride()
+    torch.testing.assert_close(y, want, **TOL)
