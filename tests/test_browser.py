@@ -205,7 +205,7 @@ def test_page_in_browser(screen, docname, site, browser):
     source = source_of(docname)
     assert source is not None, f"{docname} is listed in _toc.yml but has no .ipynb/.md source"
     page_file = HTML / f"{docname}.html"
-    assert page_file.exists(), f"{page_file.relative_to(ROOT)} was not built"
+    assert page_file.exists(), f"{page_file} was not built"
 
     errors, offsite, bad_responses = [], [], []
     page = browser.new_page(viewport=VIEWPORTS[screen])
