@@ -17,10 +17,24 @@ COLORS = {
 }
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
+# Sizes for the book's column. The page's text column is about 690 px wide at a 1280-px window and
+# about 360 px on a 390-px phone; an image wider than the column is scaled down to fit it.
+# A one-panel figure is WIDTH inches at savefig.dpi, i.e. about 700 px: shown at ~100 % on desktop.
+# On a phone the same image is scaled by about 360 / 700, so a font of F points (F * DPI / 72 px)
+# shows at about 5 * F / WIDTH px: F = 12 and WIDTH = 5.8 give ~10 px, the smallest text that reads
+# comfortably on a phone (tick labels 11 pt: ~9.5 px). The issue-12 figures were 10 pt on 10-13 in:
+# ~4-6 px on a phone.
+WIDTH = 5.8          # inches, one panel (the default figure)
+HEIGHT = 3.9         # inches, one row of panels
+DPI = 120            # savefig.dpi: WIDTH * DPI ~ the desktop column in px
+MAX_COLS = 2         # panels per row: more would shrink every label below readable on a phone
+PANEL_WIDTH = 3.7    # inches per panel in a two-panel row (7.4 in: ~80 % on desktop, ~8 px text on a phone)
+FONT = 12
+
 STYLE = {
-    "figure.figsize": (6.4, 4.0),
+    "figure.figsize": (WIDTH, HEIGHT),
     "figure.dpi": 100,
-    "savefig.dpi": 120,
+    "savefig.dpi": DPI,
     "savefig.bbox": "tight",
     # Panels, their labels and a suptitle laid out without overlap.
     "figure.constrained_layout.use": True,
@@ -30,7 +44,17 @@ STYLE = {
     "axes.spines.right": False,
     "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
     "legend.frameon": False,
-    "font.size": 10,
+    "font.size": FONT,
+    "axes.titlesize": FONT,
+    "axes.labelsize": FONT,
+    "figure.titlesize": FONT + 1,
+    "xtick.labelsize": FONT - 1,
+    "ytick.labelsize": FONT - 1,
+    "legend.fontsize": FONT - 1,
+    "legend.title_fontsize": FONT - 1,
+    "legend.handlelength": 1.6,
+    "lines.linewidth": 2.0,
+    "lines.markersize": 6.5,
     # PNG only: nbval does not compare PNG, and SVG would embed varying ids.
     "figure.max_open_warning": 0,
 }
@@ -57,6 +81,36 @@ def subplots(nrows=1, ncols=1, **kwargs):
     """plt.subplots under the book's style."""
     with style():
         return plt.subplots(nrows, ncols, **kwargs)
+
+
+def panel_figsize(ncols=1, nrows=1):
+    """(width, height) in inches for nrows x ncols panels in the book's column (ncols <= MAX_COLS)."""
+    for name, v in (("ncols", ncols), ("nrows", nrows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if ncols > MAX_COLS:
+        raise ValueError(f"ncols must be at most {MAX_COLS} (panels per row readable on a 390-px "
+                         f"phone), got {ncols}: stack the panels or split the figure into parts")
+    width = WIDTH if ncols == 1 else PANEL_WIDTH * ncols
+    return (width, HEIGHT * nrows if ncols == 1 else 0.9 * HEIGHT * nrows)
+
+
+def panels(n, ncols=MAX_COLS, **kwargs):
+    """n panels, at most ncols (<= 2) per row, stacked in rows: (fig, [ax, ...]) with n axes.
+
+    Sized for the book's column (panel_figsize). For a phone, one panel per figure (a figure part
+    each, beside its paragraph) reads best; two per row are the most that stay legible.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (number of panels), got {n!r}")
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    kwargs.setdefault("figsize", panel_figsize(ncols, nrows))
+    fig, axes = subplots(nrows, ncols, squeeze=False, **kwargs)
+    flat = list(axes.flat)
+    for ax in flat[n:]:  # an odd count leaves one empty slot in the last row
+        ax.remove()
+    return fig, flat[:n]
 
 
 def label(ax, xlabel, ylabel, title=None):
