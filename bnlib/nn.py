@@ -70,3 +70,6 @@ class BatchNorm2d(_BnlibForward, nn.BatchNorm2d):
 class BatchNorm3d(_BnlibForward, nn.BatchNorm3d):
     """Over (N, C, D, H, W) input; statistics per channel over N, D, H and W."""
     _expected_dims = (5,)
+
+
+from bnlib.sync import SyncBatchNorm  # noqa: E402,F401  (torch.distributed across ranks: bnlib/sync.py)
