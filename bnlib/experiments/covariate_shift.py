@@ -80,24 +80,26 @@ def run(cfg, device, seed, progress=False):
 
 
 def figures(results):
-    """The paper's Figure 1 from results, one part: (a) test accuracy, (b) percentiles without
-    BN, (c) with."""
+    """The paper's Figure 1 from results, one part in a 2 x 2 grid readable on a phone: (a) and
+    (b) the plotted unit's input percentiles without and with BN, on one scale so that the bands
+    compare by eye, (c) test accuracy, and the legend in the fourth slot."""
     m = results["metrics"]
-    fig, axes = plotting.subplots(1, 3, figsize=(13, 3.6))
-    axes[2].sharey(axes[1])  # one scale for both bands, so that their widths compare by eye
-    for norm, name in (("no_bn", "without BN"), ("bn", "with BN")):
-        axes[0].plot(m["steps"], m[norm]["test_accuracy"], color=plotting.COLORS[norm], label=name)
-    axes[0].legend()
-    plotting.label(axes[0], "training step", "test accuracy (fraction)", "(a) test accuracy")
-    for ax, (norm, name) in zip(axes[1:], (("no_bn", "without BN"), ("bn", "with BN"))):
+    fig, axes = plotting.panels(4)
+    axes[1].sharey(axes[0])
+    names = (("no_bn", "without BN"), ("bn", "with BN"))
+    for ax, letter, (norm, name) in zip(axes[:2], "ab", names):
         pct = list(zip(*m[norm]["percentiles"]))
-        for q, series, style in zip(m["percentiles_q"], pct, STYLES):
+        for series, style in zip(pct, STYLES):
             ax.plot(m["steps"], series, style, color=plotting.COLORS[norm])
-        plotting.label(ax, "training step", "sigmoid input (pre-activation)",
-                       f"({'b' if norm == 'no_bn' else 'c'}) {name}")
-    # One legend for the line styles of (b) and (c), below the panels, where it hides no curve.
-    fig.legend(handles=[Line2D([], [], ls=style, color="black", label=f"{q}th percentile")
-                        for q, style in zip(m["percentiles_q"], STYLES)],
-               loc="outside lower center", ncols=len(STYLES))
+        plotting.label(ax, "training step", "sigmoid input", f"({letter}) {name}")
+    for norm, name in names:
+        axes[2].plot(m["steps"], m[norm]["test_accuracy"], color=plotting.COLORS[norm])
+    plotting.label(axes[2], "training step", "test accuracy", "(c) test accuracy")
+    # The fourth slot holds the legend: the networks' colours and the percentiles' line styles.
+    axes[3].axis("off")
+    handles = [Line2D([], [], color=plotting.COLORS[norm], label=name) for norm, name in names]
+    handles += [Line2D([], [], ls=style, color="black", label=f"{q}th percentile")
+                for q, style in zip(m["percentiles_q"], STYLES)]
+    axes[3].legend(handles=handles, loc="center")
     fig.suptitle(f"{results['profile']} profile, {results['device_name']}")
     return {"figure1": fig}

@@ -183,24 +183,24 @@ NAMES = {"no_bn": "without BN", "bn": "with BN", "noisy_bn": "noisy BN"}
 
 
 def figures(results):
-    """Two parts: training (accuracy, one unit's input over time) and probes."""
+    """Two parts, each a 2 x 2 grid readable on a phone: training (test accuracy, one last-layer
+    unit's batch mean and std over time, the legend) and probes (gradient-based ICS, relative
+    change and cosine; loss range and gradient change per distance along the gradient)."""
     m, tag = results["metrics"], f"{results['profile']} profile, {results['device_name']}"
-    fig, axes = plotting.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plotting.panels(4)
     for norm in VARIANTS:
         c, r = plotting.COLORS[norm], m[norm]
         axes[0].plot(m["steps"], r["test_accuracy"], color=c, label=NAMES[norm])
-        axes[1].plot(m["steps"], r["input_mean"], color=c, label=NAMES[norm])
-        axes[2].plot(m["steps"], r["input_std"], color=c, label=NAMES[norm])
-    axes[0].legend()
-    plotting.label(axes[0], "training step", "test accuracy (fraction)", "test accuracy")
-    plotting.label(axes[1], "training step", "batch mean of one unit's input",
-                   "last hidden layer: mean")
-    plotting.label(axes[2], "training step", "batch std of one unit's input",
-                   "last hidden layer: std")
+        axes[1].plot(m["steps"], r["input_mean"], color=c)
+        axes[2].plot(m["steps"], r["input_std"], color=c)
+    plotting.label(axes[0], "training step", "test accuracy", "(a) test accuracy")
+    plotting.label(axes[1], "training step", "batch mean", "(b) unit input: mean")
+    plotting.label(axes[2], "training step", "batch std", "(c) unit input: std")
+    axes[3].axis("off")  # the fourth slot holds the legend
+    axes[3].legend(*axes[0].get_legend_handles_labels(), loc="center")
     fig.suptitle(tag)
     first = fig
-    fig, axes = plotting.subplots(2, 2, figsize=(11, 7))
-    axes = axes.ravel()
+    fig, axes = plotting.panels(4)
     for norm in VARIANTS:
         c, r = plotting.COLORS[norm], m[norm]
         cos = [sum(v) / len(v) for v in r["ics_cosine"]]
@@ -210,13 +210,10 @@ def figures(results):
         axes[2].plot(m["probe_steps"], r["loss_range"], "o-", color=c, ms=3)
         axes[3].plot(m["probe_steps"], r["beta"], "o-", color=c, ms=3)
     fig.legend(loc="outside lower center", ncols=len(VARIANTS))
-    plotting.label(axes[0], "training step", "||G - G'|| / ||G|| (mean over layers)",
-                   "ICS: relative l2 change of the gradient")
-    plotting.label(axes[1], "training step", "cos(G, G') (mean over layers)",
-                   "ICS: cosine of the gradient change")
-    plotting.label(axes[2], "training step", "max - min loss along the gradient",
-                   "loss range along the gradient")
-    plotting.label(axes[3], "training step", "||g(w - eta g) - g|| / ||eta g|| (max over eta)",
-                   "effective smoothness along the gradient")
+    plotting.label(axes[0], "training step", "||G - G'|| / ||G||", "(a) ICS: relative change")
+    plotting.label(axes[1], "training step", "cos(G, G')", "(b) ICS: cosine")
+    plotting.label(axes[2], "training step", "max - min loss", "(c) loss range")
+    plotting.label(axes[3], "training step", "||g(w - eta g) - g|| / ||eta g||",
+                   "(d) gradient change / distance")
     fig.suptitle(tag)
     return {"training": first, "probes": fig}
