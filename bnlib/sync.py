@@ -3,9 +3,10 @@
 Each rank holds a shard of the batch. In training the layer normalizes with the statistics of
 the whole batch, and what crosses the network is what the book derives:
 
-- forward: per rank a header (channels, dtype, count: three int64) and, per channel, the shard's
-  mean and M2 (sum of squared deviations), merged with Chan et al.'s pairwise formula, so no
-  E[x^2] - E[x]^2 cancellation; one all-gather of 3 int64 and one of 2C values per rank;
+- forward: per rank a header (channels, dtype, count, input ok: four int64) and, per channel,
+  the shard's mean and M2 (sum of squared deviations) in float64, merged with Chan et al.'s
+  formula, so no E[x^2] - E[x]^2 cancellation; one all-gather of 4 int64 and one of 2C float64
+  per rank (the count is the same for every channel, so "three numbers per channel" is 2C + 1);
 - backward: the two per-channel sums of the compact form, sum dy and sum dy x_hat, in one
   all-reduce of 2C values; then each rank's dx = a dy + b x_hat + c with the global sums and
   the global count. dgamma and dbeta stay per rank (DDP sums them with every other gradient).
@@ -26,16 +27,15 @@ from bnlib import functional
 from bnlib.checks import per_channel, reduce_axes, values_per_channel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HAS_BIAS = "bias" in inspect.signature(nn.SyncBatchNorm.__init__).parameters
+_HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
 
-def _compute_dtype(dtype):
+def _compute_dtype(dtype):  # as bnlib.functional's: float32 for half types
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def exchange_header(x, group, world_size, local_error=None):
     """All-gather (channels, dtype, count, input ok) from every rank: a (world, 4) int64 tensor.
-
     Every rank raises when any rank's input failed its local check (local_error, re-raised on
     that rank) or when channels or dtypes differ, so no rank is left waiting in a collective and
     the stats gather that follows never sees mismatched sizes. Costs one all-gather of 32 bytes
@@ -81,14 +81,21 @@ def merge_stats(counts, means, m2s):
 
 def global_stats(x, counts, group, world_size):
     """This rank's shard statistics sent, the whole batch's returned: (mean, M2) per channel in
-    the compute dtype, from one all-gather of 2C values per rank (empty shards send zeros)."""
-    cdt = _compute_dtype(x.dtype)
+    float64, from one all-gather of 2C float64 values per rank (empty shards send zeros).
+
+    The shard's mean is computed in the compute dtype and corrected by the mean of x - mean
+    (small numbers, so accurate), then sent in float64: a float32 mean of values near 1e4 is off
+    by up to half an ulp, 5e-4, which the merge would carry into every y."""
     c = x.shape[1]
     if x.numel() > 0:
-        var, mean = torch.var_mean(x.to(cdt), dim=reduce_axes(x.ndim), correction=0)
-        mine = torch.cat([mean, var * values_per_channel(x.shape)])
+        xc = x.to(_compute_dtype(x.dtype))
+        dims = reduce_axes(x.ndim)
+        var, mean = torch.var_mean(xc, dim=dims, correction=0)
+        fix = (xc - per_channel(mean, x.ndim)).mean(dims)
+        mean = mean.double() + fix.double()
+        mine = torch.cat([mean, var.double() * values_per_channel(x.shape)])
     else:
-        mine = torch.zeros(2 * c, dtype=cdt, device=x.device)
+        mine = torch.zeros(2 * c, dtype=torch.float64, device=x.device)
     parts = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(parts, mine, group=group)
     stats = torch.stack(parts)
@@ -96,19 +103,30 @@ def global_stats(x, counts, group, world_size):
     return mean, m2
 
 
-def sync_backward(dy, x, weight, mean, invstd, m, group, need_dx):
+def split_mean(mean, dtype):
+    """mean (float64) as hi + lo in dtype, so x - hi - lo keeps the digits a float32 hi drops."""
+    return mean.to(dtype), (mean - mean.to(dtype).double()).to(dtype)
+
+
+def centred(x, hi, lo):
+    """x - mean per channel in hi's dtype, the mean given as hi + lo (see split_mean)."""
+    nd = x.ndim
+    return x.to(hi.dtype) - per_channel(hi, nd) - per_channel(lo, nd)
+
+
+def sync_backward(dy, x, weight, hi, lo, invstd, m, group, need_dx):
     """The compact backward with global sums: (dx or None, dgamma, dbeta) on this rank.
 
     dgamma = sum dy x_hat and dbeta = sum dy over this shard; dx = a dy + b x_hat + c with
     a = gamma invstd, b = -a (sum over all ranks of dy x_hat) / m, c = -a (sum over all of dy) / m,
-    m the global count: one all-reduce of the 2C local sums.
+    m the global count: one all-reduce of the 2C local sums. The mean is hi + lo (split_mean).
     Book: book/experiments/sync_bn.ipynb
     """
-    cdt, nd, c = mean.dtype, x.ndim, x.shape[1]
+    cdt, nd, c = hi.dtype, x.ndim, x.shape[1]
     if x.numel() > 0:
         dims = reduce_axes(nd)
         dyc = dy.to(cdt)
-        x_hat = (x.to(cdt) - per_channel(mean, nd)) * per_channel(invstd, nd)
+        x_hat = centred(x, hi, lo) * per_channel(invstd, nd)
         local = torch.cat([dyc.sum(dims), (dyc * x_hat).sum(dims)])
     else:
         local = torch.zeros(2 * c, dtype=cdt, device=x.device)
@@ -136,34 +154,41 @@ class SyncBatchNormFunction(torch.autograd.Function):
         counts = table[:, 2]
         n = int(counts.sum())
         mean, m2 = global_stats(x, counts, group, world_size)
-        invstd = torch.rsqrt(m2 / n + eps)
+        cdt = _compute_dtype(x.dtype)
+        invstd = torch.rsqrt(m2 / n + eps).to(cdt)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 unbiased = (m2 / (n - 1)).to(running_var.dtype)
                 running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        hi, lo = split_mean(mean, cdt)
+        ctx.save_for_backward(x, weight, hi, lo, invstd)
         ctx.group, ctx.m = group, n
         ctx.bias_dtype = None if bias is None else bias.dtype
         if x.numel() == 0:
             return torch.empty_like(x)
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
-        y = torch.addcmul(per_channel(shift, x.ndim), x, per_channel(scale, x.ndim))
+        # (x - mean) first: folding it into one shift, -mean * scale, would cancel at a large
+        # offset (at 1e4 in float32, an error of ulp(1e4) = 1e-3 in y).
+        nd = x.ndim
+        scale = invstd if weight is None else invstd * weight.to(cdt)
+        y = centred(x, hi, lo) * per_channel(scale, nd)
+        if bias is not None:
+            y = y + per_channel(bias.to(cdt), nd)
         return functional.layout_like_torch(y.to(x.dtype), x)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, hi, lo, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dgamma, dbeta = sync_backward(dy, x, weight, mean, invstd, ctx.m, ctx.group, need[0])
+        dx, dgamma, dbeta = sync_backward(dy, x, weight, hi, lo, invstd, ctx.m, ctx.group,
+                                          need[0])
         return (None if dx is None else dx.to(x.dtype),
                 dgamma.to(weight.dtype) if weight is not None and need[1] else None,
                 dbeta.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None,
                 None, None, None, None, None, None, None)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Drop-in for torch.nn.SyncBatchNorm (same arguments, defaults, state_dict keys and
     fallbacks) that runs on every torch.distributed backend, gloo on CPU included.
 
@@ -171,6 +196,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     two or more: whole-batch statistics (see the module docstring); the running statistics take
     the unbiased variance with the global count, and are the same on every rank. Eval, no
     initialised group, or a group of one: plain bnlib BN, nothing sent.
+    It is a torch BN layer (a _BatchNorm) but not a torch.nn.SyncBatchNorm: DDP refuses those
+    on CPU ("SyncBatchNorm layers only work with GPU modules"), whatever their forward.
     Book: book/experiments/sync_bn.ipynb
     """
 
@@ -180,15 +207,24 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         kw = {"bias": bias} if _HAS_BIAS else {}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
-                         device, dtype, **kw)
-        if not bias and not _HAS_BIAS and affine:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **kw)
+        if not bias and not _HAS_BIAS and affine:  # torch < 2.6 has no bias argument
             self.register_parameter("bias", None)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def _group(self):
         """(group, world size) when this forward must synchronize, else None."""
         if not (self.training and dist.is_available() and dist.is_initialized()):
-            return None
+            return None  # eval sends nothing
         group = self.process_group or dist.group.WORLD
         world = dist.get_world_size(group)
         return (group, world) if world > 1 else None
