@@ -114,9 +114,13 @@ def check_channel_param(param, num_channels, name, any_shape=False):
 def check_param_dtypes(input, tensors):
     """As torch on CPU: the per-channel tensors share one dtype, the input's, or float32 when the
     input is float16/bfloat16. tensors: (name, tensor or None) pairs."""
-    given = [(n, t) for n, t in tensors if t is not None]
-    if not given:
+    dtype = input.dtype
+    for _, t in tensors:  # the common case first: every one has the input's dtype
+        if t is not None and t.dtype != dtype:
+            break
+    else:
         return
+    given = [(n, t) for n, t in tensors if t is not None]
     dtype = given[0][1].dtype
     allowed = (input.dtype, torch.float32) if input.dtype in HALF else (input.dtype,)
     for name, t in given:

@@ -87,6 +87,9 @@ _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) 
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
 def transformed(x):
     """True under a torch.func transform (x is wrapped) or while torch.compile traces: there only
     the formula runs, since the compiled backends have no batching rule or fake implementation."""
@@ -138,6 +141,18 @@ class BatchNormFunction(torch.autograd.Function):
     (_jvp_formula). torch.func.vmap: a generated rule (every op of the formula path has one).
     """
     generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, x, weight, bias, eps, running_mean, running_var, momentum):
+        """torch's Function.apply, less its per-call inspect.signature binding of defaults (done
+        whenever setup_context is defined: tens of microseconds, as long as the compiled kernel
+        takes at 100 x 500) where it is not needed: every argument is given here, and outside
+        torch.func transforms with no (dead) functorch wrapper among the differentiable inputs
+        torch's own apply would go straight to the autograd core, as this does."""
+        args = (x, weight, bias, eps, running_mean, running_var, momentum)
+        if _transforms_active() or any(t is not None and _is_wrapped(t) for t in args[:3]):
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)  # the autograd core's apply
 
     @staticmethod
     def forward(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):

@@ -105,7 +105,28 @@ def truth(x, weight, bias, dy, running=None, **kw):
     y = F.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training=True, **kw)
     y.backward(dy.double())
     stats = [s for s in (rm, rv) if s is not None]
-    return [y.detach()] + [t.grad for t in leaves if t is not None] + stats
+    out = Truth([y.detach()] + [t.grad for t in leaves if t is not None] + stats)
+    sizes = term_sizes(leaves[0].detach(), leaves[1], dy.double(), kw.get("eps", 1e-5))
+    out.scales = [0.0] + [sizes[i] for i, t in enumerate(leaves) if t is not None] + [0.0] * len(stats)
+    return out
+
+
+class Truth(list):
+    """truth's outputs, with `scales`: for each, the size of the terms it is a difference of."""
+    scales = None
+
+
+def term_sizes(x, weight, dy, eps):
+    """Rounding in a gradient is relative to the terms it is a difference of, not to the result,
+    which can be near zero (for m = 2, dx is zero in exact arithmetic but for eps):
+    dx = a (dy - mean(dy) - x_hat mean(dy x_hat)) has terms of size |a| |dy| (a = gamma invstd),
+    dgamma = sum(dy x_hat) and dbeta = sum(dy) are sums of terms of either sign."""
+    dims = (0,) + tuple(range(2, x.ndim))
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    x_hat = (x - mean) * (var + eps).rsqrt()
+    a = (var + eps).rsqrt().flatten() * (1.0 if weight is None else weight.detach().abs())
+    return [dy.abs().max().item() * a.max().item(), (dy * x_hat).abs().sum(dims).max().item(),
+            dy.abs().sum(dims).max().item()]
 
 
 def tolerance(dtype, x):
@@ -129,8 +150,11 @@ def tolerance(dtype, x):
 
 
 def assert_close(got, want, x):
-    """Each output within the tolerance of its own dtype (y and dx: x's; the rest their own)."""
+    """Each output within the tolerance of its own dtype (y and dx: x's; the rest their own),
+    relative to its largest entry or, for gradients from `truth`, the size of its terms."""
+    scales = getattr(want, "scales", None) or [0.0] * len(want)
     for i, (g, t) in enumerate(zip(got, want)):
         tol = max(tolerance(g.dtype, x), tolerance(x.dtype, x)) if i < 2 else tolerance(g.dtype, x)
-        err = ((g.double() - t).abs().max() / t.abs().max().clamp_min(1e-300)).item()
+        err = ((g.double() - t).abs().max() / t.abs().max().clamp_min(scales[i])
+               .clamp_min(1e-300)).item()
         assert err <= tol, (i, err, tol, x.dtype)
