@@ -39,4 +39,26 @@ def test_tiny_run_writes_json_and_figures(profile, tmp_path):
     assert len(data["metrics"]["lr_sweep"]) == 4               # 2 factors, with and without BN
     assert [p.split("/")[-1] for p in r["figures"]] == [
         f"gradients-{profile}-{part}.png"
-        for part in ("at_init", "lr_sweep", "init_sweep", "effective_lr")]
+        for part in ("at_init", "lr_sweep", "lr_weight_norms", "init_sweep", "rescale", "weight_norm")]
+    for row in data["metrics"]["lr_sweep"]:
+        # every hidden layer's weight norm before training and every NORM_EVERY steps after
+        assert len(row["weight_norms"]) == TINY["sweep_steps"] // gr.NORM_EVERY + 1
+        assert all(len(w) == TINY["sweep_depth"] for w in row["weight_norms"])
+
+
+def _row(bn, lr, acc, diverged):
+    return {"bn": bn, "lr": lr, "test_accuracy": acc, "diverged": diverged}
+
+
+def test_a_diverged_run_is_a_cross_above_the_scale_not_a_point_at_zero():
+    import matplotlib.pyplot as plt
+    rows = [_row(True, 0.01, 0.98, False), _row(True, 0.3, 0.97, False),
+            _row(False, 0.01, 0.97, False), _row(False, 0.3, None, True)]
+    fig = gr._sweep_figure(rows, "lr", "learning rate", "t")
+    ax = fig.axes[0]
+    drawn = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+    assert list(drawn["no BN"][1:]) != list(drawn["no BN"][1:])    # nan: no accuracy point
+    assert list(drawn["no BN: diverged"]) == [gr.DIVERGED_Y] and gr.DIVERGED_Y > 100
+    assert list(drawn["chance (10 classes)"]) == [10, 10]
+    assert all(y >= 0 for ys in drawn.values() for y in ys if y == y)
+    plt.close(fig)

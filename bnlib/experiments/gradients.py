@@ -20,6 +20,8 @@ DESCRIPTION = "gradient norms vs depth with/without BN (Yang et al.), lr x5/x30 
 # Yang et al. (2019): in a wide ReLU MLP with BN (no skip connections) at initialization the squared
 # gradient norm grows by lambda -> pi / (pi - 1) per layer backwards, in the limit of a large batch.
 YANG_RELU_FACTOR = math.pi / (math.pi - 1)
+# The sweeps record every hidden layer's weight norm every NORM_EVERY steps (as the loss curve).
+NORM_EVERY = 5
 
 PROFILES = {
     "quick": dict(dataset="digits", init_depth=32, init_width=256, init_batch=128, init_seeds=3,
@@ -73,13 +75,22 @@ def _train_one(cfg, data, device, seed, bn, lr, init_scale=1.0, progress=False):
     with torch.no_grad():
         for lin in hidden_linears(model):
             lin.weight.mul_(init_scale)
+    lins = hidden_linears(model)
+    norms = []  # ||W_l|| of every hidden layer before the first step and after every NORM_EVERY-th
+
+    def record(done, loss):
+        if done % NORM_EVERY == 0:
+            norms.append([float(lin.weight.detach().double().norm()) for lin in lins])
+
     losses = train_sgd(model, x_tr, y_tr, cfg["sweep_steps"], cfg["batch_size"], lr, seed=seed,
-                       show=progress)
+                       show=progress, hook=record)
     diverged = not np.isfinite(losses[-1])
-    acc = 0.0 if diverged else accuracy(model.eval(), x_te, y_te).item()
+    # A diverged run has no accuracy (None, drawn as a marker, never as 0 %).
+    acc = None if diverged else accuracy(model.eval(), x_te, y_te).item()
     tail = losses[-20:]
     return {"bn": bn, "lr": lr, "init_scale": init_scale, "test_accuracy": acc, "diverged": diverged,
-            "final_loss": float(np.mean(tail)) if not diverged else None, "loss_curve": losses[::5]}
+            "final_loss": float(np.mean(tail)) if not diverged else None, "loss_curve": losses[::5],
+            "weight_norms": norms, "weight_norms_every": NORM_EVERY}
 
 
 def _effective_lr(cfg, data, device, seed):
@@ -136,9 +147,50 @@ def run(cfg, device, seed, progress):
             "init_sweep": init_sweep, "effective_lr": _effective_lr(cfg, data, device, seed)}
 
 
+def _sweep_figure(rows, xkey, xlabel, title):
+    """Test accuracy against xkey, with and without BN; a diverged run has no accuracy, so it is
+    a cross in the strip above 100 %, not a point at 0 % (which would read as below chance)."""
+    fig, ax = plotting.subplots()
+    for bn in (True, False):
+        mine = sorted((r for r in rows if r["bn"] == bn), key=lambda r: r[xkey])
+        color, name = plotting.COLORS["bn" if bn else "no_bn"], "BN" if bn else "no BN"
+        acc = [math.nan if r["diverged"] else 100 * r["test_accuracy"] for r in mine]
+        ax.semilogx([r[xkey] for r in mine], acc, "o-", color=color, label=name)
+        gone = [r[xkey] for r in mine if r["diverged"]]
+        if gone:
+            ax.semilogx(gone, [DIVERGED_Y] * len(gone), "X", color=color, ms=11, ls="none",
+                        label=f"{name}: diverged")
+    ax.axhspan(101.5, 112, color=plotting.COLORS["reference"], alpha=0.12, lw=0)
+    ax.text(0.01, DIVERGED_Y, "diverged", transform=ax.get_yaxis_transform(), va="center",
+            fontsize="small", color=plotting.COLORS["reference"])
+    ax.axhline(10, color=plotting.COLORS["reference"], ls=":", lw=1.5, label="chance (10 classes)")
+    ax.set_ylim(0, 112)
+    ax.set_yticks(range(0, 101, 20))
+    plotting.ticks_at(ax, [r[xkey] for r in rows])
+    fig.legend(loc="outside lower center", ncols=3)  # below the axes: inside, a curve crosses it
+    plotting.label(ax, xlabel, "test accuracy (%)", title)
+    return fig
+
+
+def lr_norm_rows(results):
+    """The BN runs of the lr sweep with weight norms, and where they come from: the sweep itself,
+    or, for a run recorded before the sweep recorded norms, the rerun stored with it
+    (metrics["lr_sweep_rerun"]: same configuration and seed, rerun later; see its "note")."""
+    m, prof = results["metrics"], results["profile"]
+    if "lr_sweep_rerun" in m:
+        return m["lr_sweep_rerun"]["rows"], f"{prof}, rerun"
+    return [r for r in m["lr_sweep"] if r["bn"]], prof
+
+
+# Where a diverged run is drawn: in a strip above the 0-100 % accuracy scale.
+DIVERGED_Y = 107
+
+
 def figures(results):
-    """Four parts: at_init (norms vs layer), lr_sweep, init_sweep, effective_lr."""
-    m, cfg, tag = results["metrics"], results["config"], f"{results['profile']}, {results['device_name']}"
+    """Six one-panel parts, each beside its paragraph in the chapter: at_init (norms vs layer),
+    lr_sweep, lr_weight_norms (BN weight norms in the lr sweep), init_sweep, rescale (one layer's
+    weights scaled by c), weight_norm (plain SGD)."""
+    m, cfg, prof = results["metrics"], results["config"], results["profile"]
     figs = {}
     fig, ax = plotting.subplots()
     for key in ("bn", "no_bn"):
@@ -148,37 +200,40 @@ def figures(results):
     sq = m["at_init"]["bn"]["sq_norms"]
     ref = [sq[-1] * YANG_RELU_FACTOR ** (len(sq) - l) for l in range(1, len(sq) + 1)]
     ax.semilogy(range(1, len(sq) + 1), ref, "--", color=plotting.COLORS["reference"],
-                label="pi/(pi-1) per layer (wide limit, Yang et al.)")
+                label="x pi/(pi-1) per layer (Yang et al.)")
     ax.legend()
-    plotting.label(ax, "hidden layer", "squared gradient norm of W_l", f"Gradients at initialization ({tag})")
+    plotting.label(ax, "hidden layer l", "squared norm of dl/dW_l", f"At initialization ({prof})")
     figs["at_init"] = fig
-    for key, xkey, xlabel in (("lr_sweep", "lr", "learning rate"),
-                              ("init_sweep", "init_scale", "init scale (x He)")):
-        fig, ax = plotting.subplots(figsize=(8.6, 4.0))  # room for the legend beside the axes
-        for bn in (True, False):
-            rows = [r for r in m[key] if r["bn"] == bn]
-            color = plotting.COLORS["bn" if bn else "no_bn"]
-            ax.semilogx([r[xkey] for r in rows], [100 * r["test_accuracy"] for r in rows], "o-",
-                        color=color, label="BN" if bn else "no BN")
-            gone = [r[xkey] for r in rows if r["diverged"]]
-            if gone:  # drawn at 0 %: a diverged run has no accuracy
-                ax.semilogx(gone, [0] * len(gone), "X", color=color, ms=11, ls="none",
-                            label=f"{'BN' if bn else 'no BN'}: diverged (loss not finite)")
-        ax.axhline(10, color=plotting.COLORS["reference"], ls=":", lw=1, label="chance (10 classes)")
-        fig.legend(loc="outside right center")  # beside the axes: inside, a falling curve crosses it
-        plotting.label(ax, xlabel, "test accuracy (%)", f"{xlabel} sweep, depth {cfg['sweep_depth']} ({tag})")
-        figs[key] = fig
-    fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
+    figs["lr_sweep"] = _sweep_figure(m["lr_sweep"], "lr", "learning rate",
+                                     f"Learning rate, depth {cfg['sweep_depth']} ({prof})")
+    rows, where = lr_norm_rows(results)
+    fig, ax = plotting.subplots()
+    for r, color in zip(rows, plotting.PALETTE[3:]):
+        w = np.array(r.get("weight_norms") or [[math.nan]])
+        steps = np.arange(len(w)) * r.get("weight_norms_every", NORM_EVERY)
+        ax.plot(steps, (w / w[0]).mean(1), color=color, label=f"lr {r['lr']:g}")
+    if not all(r.get("weight_norms") for r in rows):
+        ax.text(0.5, 0.5, "not recorded in this run", transform=ax.transAxes, ha="center")
+    ax.legend()
+    plotting.label(ax, "SGD step", "||W_l|| / ||W_l|| at step 0\n(mean over hidden layers)",
+                   f"BN weight norms, lr sweep ({where})")
+    figs["lr_weight_norms"] = fig
+    figs["init_sweep"] = _sweep_figure(m["init_sweep"], "init_scale", "init scale (x He)",
+                                       f"Init scale, depth {cfg['sweep_depth']} ({prof})")
     e = m["effective_lr"]
     sc = [r["scale"] for r in e["rescale"]]
-    a1.loglog(sc, [r["grad_norm"] for r in e["rescale"]], "o-", label="gradient norm")
-    a1.loglog(sc, [r["relative_step"] for r in e["rescale"]], "s-", label="relative SGD step ||lr g|| / ||W||")
-    a1.loglog(sc, [r["angle"] for r in e["rescale"]], "o:", mfc="none", ms=11,
+    fig, ax = plotting.subplots()
+    ax.loglog(sc, [r["grad_norm"] for r in e["rescale"]], "o-", label="gradient norm ||g||")
+    ax.loglog(sc, [r["relative_step"] for r in e["rescale"]], "s-", label="relative step ||lr g|| / ||W||")
+    ax.loglog(sc, [r["angle"] for r in e["rescale"]], "o:", mfc="none", ms=11,
               label="angle of that step (rad)")
-    plotting.ticks_at(a1, sc)
-    a1.legend(loc="lower left")  # every curve falls to the right: that corner stays empty
-    plotting.label(a1, "weight scale c", "value (units in the legend)", "Rescaling one BN layer's weights")
-    a2.plot(np.array(e["weight_norms"]) / e["weight_norms"][0], color=plotting.COLORS["bn"])
-    plotting.label(a2, "SGD step", "||W_2|| / ||W_2|| at step 0", f"Weight norm grows ({tag})")
-    figs["effective_lr"] = fig
+    plotting.ticks_at(ax, sc)
+    ax.legend(loc="lower left")  # every curve falls to the right: that corner stays empty
+    plotting.label(ax, "weight scale c", "value (see legend)", f"Layer 2's weights times c ({prof})")
+    figs["rescale"] = fig
+    fig, ax = plotting.subplots()
+    ax.plot(np.array(e["weight_norms"]) / e["weight_norms"][0], color=plotting.COLORS["bn"])
+    plotting.label(ax, "SGD step", "||W_2|| / ||W_2|| at step 0",
+                   f"Plain SGD, lr {cfg['norm_lr']:g} ({prof})")
+    figs["weight_norm"] = fig
     return figs
