@@ -31,6 +31,7 @@ EXPERIMENTS = {
     "noisy_bn": "bnlib.experiments.noisy_bn",
     "inference_stats": "bnlib.experiments.inference_stats",
     "variance_correction": "bnlib.experiments.variance_correction",
+    "sync_bn": "bnlib.experiments.sync_bn",
     "gradients": "bnlib.experiments.gradients",
 }
 PROFILES = ("quick", "full")
