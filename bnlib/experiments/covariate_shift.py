@@ -7,6 +7,7 @@ import time
 
 import torch
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
 from bnlib import plotting
 from bnlib.experiments.data import load_dataset
@@ -79,6 +80,13 @@ def run(cfg, device, seed, progress=False):
     return out
 
 
+def _steps_in_thousands(axes):
+    """Step ticks as 0, 10k, 20k, ...: short labels that do not crowd a phone-width panel."""
+    fmt = FuncFormatter(lambda v, _: "0" if v == 0 else f"{v / 1000:g}k")
+    for ax in axes:
+        ax.xaxis.set_major_formatter(fmt)
+
+
 def figures(results):
     """The paper's Figure 1 from results, one part in a 2 x 2 grid readable on a phone: (a) and
     (b) the plotted unit's input percentiles without and with BN, on one scale so that the bands
@@ -101,5 +109,6 @@ def figures(results):
     handles += [Line2D([], [], ls=style, color="black", label=f"{q}th percentile")
                 for q, style in zip(m["percentiles_q"], STYLES)]
     axes[3].legend(handles=handles, loc="center")
+    _steps_in_thousands(axes[:3])
     fig.suptitle(f"{results['profile']} profile, {results['device_name']}")
     return {"figure1": fig}

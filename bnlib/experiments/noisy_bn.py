@@ -6,6 +6,7 @@ Book: book/experiments/noisy_bn.ipynb
 from contextlib import contextmanager
 
 import torch
+from matplotlib.ticker import FuncFormatter
 
 from bnlib import plotting
 from bnlib.experiments.data import load_dataset
@@ -182,6 +183,13 @@ def run(cfg, device, seed, progress=False):
 NAMES = {"no_bn": "without BN", "bn": "with BN", "noisy_bn": "noisy BN"}
 
 
+def _steps_in_thousands(axes):
+    """Step ticks as 0, 10k, 20k, ...: short labels that do not crowd a phone-width panel."""
+    fmt = FuncFormatter(lambda v, _: "0" if v == 0 else f"{v / 1000:g}k")
+    for ax in axes:
+        ax.xaxis.set_major_formatter(fmt)
+
+
 def figures(results):
     """Two parts, each a 2 x 2 grid readable on a phone: training (test accuracy, one last-layer
     unit's batch mean and std over time, the legend) and probes (gradient-based ICS, relative
@@ -198,6 +206,7 @@ def figures(results):
     plotting.label(axes[2], "training step", "batch std", "(c) unit input: std")
     axes[3].axis("off")  # the fourth slot holds the legend
     axes[3].legend(*axes[0].get_legend_handles_labels(), loc="center")
+    _steps_in_thousands(axes[:3])
     fig.suptitle(tag)
     first = fig
     fig, axes = plotting.panels(4)
@@ -215,5 +224,6 @@ def figures(results):
     plotting.label(axes[2], "training step", "max - min loss", "(c) loss range")
     plotting.label(axes[3], "training step", "||g(w - eta g) - g|| / ||eta g||",
                    "(d) gradient change / distance")
+    _steps_in_thousands(axes)
     fig.suptitle(tag)
     return {"training": first, "probes": fig}
