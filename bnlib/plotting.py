@@ -21,15 +21,15 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 # about 360 px on a 390-px phone; an image wider than the column is scaled down to fit it.
 # A one-panel figure is WIDTH inches at savefig.dpi, i.e. about 700 px: shown at ~100 % on desktop.
 # On a phone the same image is scaled by about 360 / 700, so a font of F points (F * DPI / 72 px)
-# shows at about 5 * F / WIDTH px: F = 12 and WIDTH = 5.8 give ~10 px, the smallest text that reads
-# comfortably on a phone (tick labels 11 pt: ~9.5 px). The issue-12 figures were 10 pt on 10-13 in:
-# ~4-6 px on a phone.
-WIDTH = 5.8          # inches, one panel (the default figure)
-HEIGHT = 3.9         # inches, one row of panels
-DPI = 120            # savefig.dpi: WIDTH * DPI ~ the desktop column in px
+# shows at about 5 * F / WIDTH px: F = 13 and WIDTH = 5.4 give ~12 px (a little less in practice:
+# the figure element's margins leave the image ~335 px), tick labels and legends (12 pt) ~11 px.
+# The issue-12 figures were 10 pt on 10-13 in: ~4-6 px on a phone.
+WIDTH = 5.4          # inches, one panel (the default figure)
+HEIGHT = 3.7         # inches, one row of panels
+DPI = 128            # savefig.dpi: WIDTH * DPI ~ the desktop column in px
 MAX_COLS = 2         # panels per row: more would shrink every label below readable on a phone
-PANEL_WIDTH = 3.7    # inches per panel in a two-panel row (7.4 in: ~80 % on desktop, ~8 px text on a phone)
-FONT = 12
+PANEL_WIDTH = 3.5    # inches per panel in a two-panel row (7.0 in: ~75 % on desktop, ~9 px text on a phone)
+FONT = 13
 
 STYLE = {
     "figure.figsize": (WIDTH, HEIGHT),
