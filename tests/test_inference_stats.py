@@ -26,13 +26,33 @@ def test_forward_both_has_no_gap_when_running_stats_equal_the_batch_stats():
                 h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + mod.eps)
             else:
                 h = mod(h)
-    comp, local = ist.forward_both(model, x)
-    assert max(comp) < 1e-6 and max(local) < 1e-6   # float32 path, values O(1)
+    gaps = ist.forward_both(model, x)
+    assert max(gaps["compounded"]) < 1e-6 and max(gaps["local"]) < 1e-6   # float32 path, values O(1)
+    assert max(gaps["local_eval_input"]) < 1e-6 and max(gaps["mean_offset"]) < 1e-6
     with torch.no_grad():
         bn_layers(model)[0].running_var.mul_(4.0)   # layer 1 now divides by twice the std: gap 1/2
-    comp, local = ist.forward_both(model, x)
+    gaps = ist.forward_both(model, x)
+    comp, local, local_ev = gaps["compounded"], gaps["local"], gaps["local_eval_input"]
     assert local[0] == pytest.approx(0.5, rel=1e-4) and comp[0] == pytest.approx(0.5, rel=1e-4)
+    assert local_ev[0] == pytest.approx(0.5, rel=1e-4)   # both paths have the same input at layer 1
     assert local[1] < 1e-6 < comp[1]   # the change only reaches layer 2 through its input
+    # Layer 2's eval-path input differs from the train path's (whose batch statistics are the
+    # stored ones), so normalizing it with the stored statistics or its own differs there.
+    assert local_ev[1] > 1e-3
+    assert gaps["mean_offset"][1] < 1e-6   # the train path itself is unchanged
+
+
+def test_mean_offset_is_the_batch_mean_distance_in_running_stds():
+    torch.manual_seed(0)
+    model = mlp(2, [2], 2, "relu", "bn")
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        bn = bn_layers(model)[0]
+        h = model.layers()[0](x)
+        bn.running_mean.copy_(h.mean(0) - torch.tensor([1.0, -3.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 9.0]))
+    # offsets 1 / 2 and 3 / 3 per channel: mean 0.75
+    assert ist.forward_both(model, x)["mean_offset"][0] == pytest.approx(0.75, rel=1e-5)
 
 
 def test_fixed_network_sweep_reuses_the_batch_size_network_and_needs_it():
@@ -57,4 +77,4 @@ def test_tiny_run_writes_json_and_figures(profile, tmp_path):
     data = json.loads((tmp_path / f"inference_stats-{profile}.json").read_text())
     assert data["profile"] == profile and set(data["metrics"]) == set(r["metrics"])
     assert [p.split("/")[-1] for p in r["figures"]] == [
-        f"inference_stats-{profile}-{part}.png" for part in ("estimators", "batch_size", "depth")]
+        f"inference_stats-{profile}-{part}.png" for part in ("estimators", "gap", "accuracy", "depth")]

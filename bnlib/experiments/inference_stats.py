@@ -126,24 +126,35 @@ def _batch_size_sweep(cfg, data, device, seed, progress):
 def forward_both(model, x):
     """Walk the net twice, with batch statistics (train mode) and with running statistics (eval mode).
 
-    Returns per BN layer the relative gap between the two paths' BN outputs (compounded), and the
-    gap when the eval-mode normalization is applied to the train-mode input of that layer (local).
+    Per BN layer, relative gaps (metrics.relative_gap) between BN outputs:
+    compounded: the eval path's output against the train path's, each path fed by its own
+      previous layers;
+    local: the train path's input normalized with the running statistics against the same
+      input normalized with its batch statistics;
+    local_eval_input: the same comparison on the eval path's input, whose examples did not
+      pass through any batch statistics upstream;
+    and mean_offset: on the train path, |batch mean - running mean| / running std, averaged over
+    channels (how far the batch's own mean is from the stored one).
+    Returns {name: [one value per BN layer]}.
     """
-    h_tr, h_ev, compounded, local = x, x, [], []
+    h_tr, h_ev = x, x
+    out = {"compounded": [], "local": [], "local_eval_input": [], "mean_offset": []}
     with torch.no_grad():
         for mod in model.layers():
             if mod in bn_layers(model):
-                w, b, eps = mod.weight, mod.bias, mod.eps
-                mean, var = reference_stats(h_tr)
-                norm = lambda h, m, v: ((h.double() - m) / torch.sqrt(v + eps) * w.double() + b.double())  # noqa: E731
+                w, b, eps = mod.weight.double(), mod.bias.double(), mod.eps
                 rm, rv = mod.running_mean.double(), mod.running_var.double()
+                norm = lambda h, m, v: (h.double() - m) / torch.sqrt(v + eps) * w + b  # noqa: E731
+                mean, var = reference_stats(h_tr)
                 out_tr, out_ev, out_local = norm(h_tr, mean, var), norm(h_ev, rm, rv), norm(h_tr, rm, rv)
-                compounded.append(relative_gap(out_ev, out_tr))
-                local.append(relative_gap(out_local, out_tr))
+                out["compounded"].append(relative_gap(out_ev, out_tr))
+                out["local"].append(relative_gap(out_local, out_tr))
+                out["local_eval_input"].append(relative_gap(out_ev, norm(h_ev, *reference_stats(h_ev))))
+                out["mean_offset"].append(float(((mean - rm).abs() / torch.sqrt(rv)).mean()))
                 h_tr, h_ev = out_tr.float(), out_ev.float()
             else:
                 h_tr, h_ev = mod(h_tr), mod(h_ev)
-    return compounded, local
+    return out
 
 
 def _depth(cfg, data, device, seed, progress):
@@ -155,12 +166,9 @@ def _depth(cfg, data, device, seed, progress):
               show=progress)
     model.eval()
     b = cfg["deep_eval_batch"]
-    comp, loc = [], []
-    for i in range(0, len(x_te) - b + 1, b):
-        c, l = forward_both(model, x_te[i:i + b])
-        comp.append(c), loc.append(l)
-    return {"layer": list(range(1, cfg["deep_depth"] + 1)), "compounded": np.mean(comp, 0).tolist(),
-            "local": np.mean(loc, 0).tolist(), "eval_batch": b,
+    per_batch = [forward_both(model, x_te[i:i + b]) for i in range(0, len(x_te) - b + 1, b)]
+    return {"layer": list(range(1, cfg["deep_depth"] + 1)), "eval_batch": b,
+            **{k: np.mean([p[k] for p in per_batch], 0).tolist() for k in per_batch[0]},
             "test_accuracy": accuracy(model, x_te, y_te).item()}
 
 
@@ -174,7 +182,8 @@ def run(cfg, device, seed, progress):
 
 
 def figures(results):
-    """Three parts: estimators (error over training), batch_size (the sweeps), depth (mismatch)."""
+    """Four parts, one panel each: estimators (error over training), gap and accuracy (the batch
+    size sweeps), depth (the mismatch layer by layer)."""
     m, cfg, tag = results["metrics"], results["config"], f"{results['profile']}, {results['device_name']}"
     figs = {}
     fig, ax = plotting.subplots()
@@ -185,32 +194,41 @@ def figures(results):
     ax.axvline(cfg["lr_change_step"], color=plotting.COLORS["reference"], ls="--",
                label=f"lr x{cfg['lr_change_factor']:g}")
     ax.set_yscale("log")
-    fig.legend(loc="outside right center")  # beside the axes: inside, it hides the curves' ends
-    plotting.label(ax, "training step", "stored vs current statistics (relative error)",
+    ax.legend(loc="upper left", ncols=2, fontsize="small")
+    ax.set_ylim(top=ax.get_ylim()[1] * 30)  # headroom above the curves for the legend
+    plotting.label(ax, "training step", "error of the stored statistics",
                    f"Running statistics lag the weights ({tag})")
     figs["estimators"] = fig
-    fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
-    rows = m["batch_size_sweep"]
+    rows, fixed = m["batch_size_sweep"], m["fixed_network_sweep"]
     bs = [r["batch_size"] for r in rows]
-    a1.loglog(bs, [r["gap"] for r in rows], "o-", color=plotting.COLORS["bn"],
-              label="trained at m (one network per m)")
-    fixed = m["fixed_network_sweep"]
-    a1.loglog([r["batch_size"] for r in fixed], [r["gap"] for r in fixed], "s--",
-              color=plotting.PALETTE[4], label=f"one network trained at m = {cfg['batch_size']}")
-    a1.legend()
-    plotting.label(a1, "batch size m (evaluation)", "train vs eval output gap (relative)", "Output gap")
-    a2.semilogx(bs, [100 * r["acc_train_mode"] for r in rows], "o-", label="train mode (batch stats)")
-    a2.semilogx(bs, [100 * r["acc_eval_mode"] for r in rows], "s-", label="eval mode (running stats)")
-    plotting.ticks_at(a1, bs), plotting.ticks_at(a2, bs)  # a tick at every batch size tested
-    a2.legend()
-    plotting.label(a2, "batch size m", "test accuracy (%)", f"Accuracy ({tag})")
-    figs["batch_size"] = fig
+    fig, ax = plotting.subplots()
+    ax.loglog(bs, [r["gap"] for r in rows], "o-", color=plotting.COLORS["bn"],
+              label="one network per m, trained at m")
+    ax.loglog([r["batch_size"] for r in fixed], [r["gap"] for r in fixed], "s--",
+              color=plotting.PALETTE[4], label=f"one network, trained at m = {cfg['batch_size']}")
+    ax.loglog(bs, [rows[-1]["gap"] * (bs[-1] / b) ** 0.5 for b in bs], ":",
+              color=plotting.COLORS["reference"], label=r"$\propto m^{-1/2}$")
+    plotting.ticks_at(ax, bs)
+    ax.legend()
+    plotting.label(ax, "batch size m (evaluation)", "output gap, train vs eval mode",
+                   f"Output gap ({tag})")
+    figs["gap"] = fig
+    fig, ax = plotting.subplots()
+    ax.semilogx(bs, [100 * r["acc_train_mode"] for r in rows], "o-", label="train mode (batch stats)")
+    ax.semilogx(bs, [100 * r["acc_eval_mode"] for r in rows], "s-", label="eval mode (running stats)")
+    plotting.ticks_at(ax, bs)
+    ax.legend()
+    plotting.label(ax, "batch size m", "test accuracy (%)",
+                   f"One network per m: accuracy ({tag})")
+    figs["accuracy"] = fig
     fig, ax = plotting.subplots()
     d = m["depth"]
-    ax.plot(d["layer"], d["compounded"], "o-", label="compounded (eval path from the input)")
-    ax.plot(d["layer"], d["local"], "s--", label="local (same input, running stats)")
-    ax.legend()
-    plotting.label(ax, "BN layer", "train vs eval gap after BN (relative)",
+    ax.plot(d["layer"], d["compounded"], "o-", label="compounded")
+    ax.plot(d["layer"], d["local"], "s--", label="local, train-path input")
+    ax.plot(d["layer"], d["local_eval_input"], "^:", label="local, eval-path input")
+    ax.set_ylim(0, 1.25 * max(d["compounded"] + d["local_eval_input"]))
+    ax.legend(loc="lower right")
+    plotting.label(ax, "BN layer", "gap after BN, train vs eval",
                    f"Mismatch through depth, batch {d['eval_batch']} ({tag})")
     figs["depth"] = fig
     return figs
