@@ -17,6 +17,7 @@ LAYOUT = [
     "book/derivations/jacobian", "book/derivations/scale_invariance",
     "book/experiments/covariate_shift", "book/experiments/noisy_bn",
     "book/experiments/inference_stats", "book/experiments/variance_correction",
+    "book/experiments/sync_bn",
     "book/experiments/gradients",
     "book/performance", "book/bibliography",
 ]
