@@ -131,8 +131,9 @@ class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN: forward normalizes with batch statistics; backward is the compact form.
 
     bnlib.kernels picks the backend (its name is kept as grad_fn.backend); where none takes the
-    tensors, or under torch.func transforms and torch.compile, the formula above runs in the
-    compute dtype. Only x, the weight and the per-channel mean and inverse std are saved (on the
+    tensors, or under torch.func transforms, the formula above runs in the compute dtype
+    (torch.compile's dynamo does not trace a Function with a custom jvp: it breaks the graph at
+    the call, which then runs eagerly as outside it). Only x, the weight and the per-channel mean and inverse std are saved (on the
     Triton backend also the mean's float32 rounding error); the running statistics, if given,
     are updated in place. apply returns (y, mean, invstd, extra, backend); all but y are
     non-differentiable.
@@ -141,18 +142,6 @@ class BatchNormFunction(torch.autograd.Function):
     (_jvp_formula). torch.func.vmap: a generated rule (every op of the formula path has one).
     """
     generate_vmap_rule = True
-
-    @classmethod
-    def apply(cls, x, weight, bias, eps, running_mean, running_var, momentum):
-        """torch's Function.apply, less its per-call inspect.signature binding of defaults (done
-        whenever setup_context is defined: tens of microseconds, as long as the compiled kernel
-        takes at 100 x 500) where it is not needed: every argument is given here, and outside
-        torch.func transforms with no (dead) functorch wrapper among the differentiable inputs
-        torch's own apply would go straight to the autograd core, as this does."""
-        args = (x, weight, bias, eps, running_mean, running_var, momentum)
-        if _transforms_active() or any(t is not None and _is_wrapped(t) for t in args[:3]):
-            return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)  # the autograd core's apply
 
     @staticmethod
     def forward(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
@@ -208,6 +197,22 @@ class BatchNormFunction(torch.autograd.Function):
     def jvp(ctx, dx, dweight, dbias, *_):
         x, weight, mean, invstd = ctx.saved_tensors[:4]
         return _jvp_formula(x, weight, mean, invstd, dx, dweight, dbias), None, None, None, None
+
+
+# The autograd core's apply, which torch.autograd.Function.apply ends in (bound to the class).
+_core_apply = super(torch.autograd.Function, BatchNormFunction).apply
+
+
+def _apply(*args):
+    """BatchNormFunction.apply(*args), less torch's per-call inspect.signature binding of default
+    arguments (done whenever setup_context is defined: tens of microseconds, as long as the
+    compiled kernel takes at 100 x 500) where it is not needed: every argument is given, and
+    outside torch.compile and torch.func transforms, with no (dead) functorch wrapper among the
+    differentiable inputs, torch's apply goes straight to the autograd core, as this does."""
+    if (_is_compiling() or _transforms_active()
+            or any(t is not None and _is_wrapped(t) for t in args[:3])):
+        return BatchNormFunction.apply(*args)
+    return _core_apply(*args)
 
 
 def _check_tensor(t, name, device):
@@ -300,5 +305,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             shift = shift + bias.to(cdt)
         y = torch.addcmul(per_channel(shift, nd), input, per_channel(scale, nd)).to(input.dtype)
         return layout_like_torch(y, input)
-    return BatchNormFunction.apply(input, weight, bias, eps, running_mean, running_var,
-                                   momentum)[0]
+    return _apply(input, weight, bias, eps, running_mean, running_var, momentum)[0]
