@@ -1,9 +1,9 @@
 """Argument checks and the channel-axis conventions shared by the NumPy and torch paths.
 
 Each error names the argument. The channel axis is 1; statistics are taken over every other axis.
-The torch-side checks (check_eps_for, check_momentum_for, check_param_dtypes) accept what
-torch.nn.functional.batch_norm accepts and reject what it rejects; the few places where they are
-stricter are listed, with torch's behaviour beside each, in the README ("bnlib and torch: the
+The torch-side checks (check_args, which batch_norm and the modules run first, and its parts)
+accept what torch.nn.functional.batch_norm accepts and reject what it rejects; the few places
+where they are stricter are listed, with torch's behaviour beside each, in the README ("bnlib and torch: the
 drop-in policy").
 """
 import math
@@ -129,3 +129,52 @@ def check_param_dtypes(input, tensors):
             raise TypeError(
                 f"{name} has dtype {t.dtype} but input is {input.dtype}: weight, bias, "
                 f"running_mean and running_var must all have the input's dtype{also}")
+
+
+def _check_tensor(t, name, device):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but input is on {device}; "
+                         "move them to the same device")
+
+
+def check_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """Every check batch_norm makes, before anything is computed or mutated: what torch accepts
+    passes, what it rejects fails (with an error naming the argument). Returns (momentum, eps)
+    as floats."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating dtype, got {input.dtype}")
+    if type(training) is not bool:
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not (input.ndim == 1 and input.numel() == 0):  # torch takes an empty (0,) input (C = 0)
+        check_input_shape(input.shape, "input")
+    eps = check_eps_for(eps, training)
+    momentum = check_momentum_for(momentum, training)
+    c = input.shape[1] if input.ndim > 1 else 0
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         f"None, got running_mean={_kind(running_mean)}, "
+                         f"running_var={_kind(running_var)}")
+    params = (("running_mean", running_mean), ("running_var", running_var),
+              ("weight", weight), ("bias", bias))
+    for name, t in params:
+        _check_tensor(t, name, input.device)
+        check_channel_param(t, c, name, any_shape=name in ("weight", "bias"))
+    check_param_dtypes(input, params)
+    if training:
+        if input.numel() > 0:
+            check_batch_for_training(input.shape, "input")
+    elif running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    return momentum, eps
+
+
+def _kind(t):
+    return "None" if t is None else "a tensor"
