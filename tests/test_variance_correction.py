@@ -59,4 +59,4 @@ def test_tiny_run_writes_json_and_figures(profile, tmp_path):
         ratio = row["second_moment_biased"][0] / row["second_moment_unbiased"][0]
         assert ratio == pytest.approx(row["m"] / (row["m"] - 1), rel=1e-3)
     assert [p.split("/")[-1] for p in r["figures"]] == [
-        f"variance_correction-{profile}-{part}.png" for part in ("simulation", "trained")]
+        f"variance_correction-{profile}-{part}.png" for part in ("simulation", "second_moment", "accuracy")]

@@ -145,8 +145,8 @@ def run(cfg, device, seed, progress):
 
 
 def figures(results):
-    """Two parts: simulation (the estimator's distribution vs m) and trained (eval-mode second
-    moments and accuracy)."""
+    """Three parts, one panel each: simulation (the estimator's distribution vs m), and for the
+    trained networks second_moment (eval-mode E[x_hat^2] at layer 1) and accuracy."""
     m, tag = results["metrics"], f"{results['profile']}, {results['device_name']}"
     figs = {}
     fig, ax = plotting.subplots()
@@ -162,9 +162,10 @@ def figures(results):
     fig.legend(loc="outside right center")  # beside the axes: inside, it covers the band
     plotting.label(ax, "batch size m", "estimate / true variance", f"Batch variance estimator ({tag})")
     figs["simulation"] = fig
-    fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     tr = m["trained"]
     bs = [r["m"] for r in tr]
+    fig, a1 = plotting.subplots()
+    fig2, a2 = plotting.subplots()
     for name, color in (("unbiased", plotting.COLORS["bn"]), ("biased", plotting.COLORS["no_bn"])):
         a1.semilogx(bs, [r[f"second_moment_{name}"][0] for r in tr], "o-", color=color, label=name)
         a2.semilogx(bs, [100 * r[f"acc_{name}"] for r in tr], "o-", color=color, label=name)
@@ -173,7 +174,7 @@ def figures(results):
                label="1 (every training batch)")
     a1.legend(), a2.legend()
     plotting.label(a1, "training batch size m", r"eval-mode mean of $\hat{x}^2$, layer 1",
-                   "Second moment")
+                   f"Second moment at inference ({tag})")
     plotting.label(a2, "training batch size m", "test accuracy (%)", f"Accuracy ({tag})")
-    figs["trained"] = fig
+    figs["second_moment"], figs["accuracy"] = fig, fig2
     return figs
