@@ -192,7 +192,7 @@ def figures(results):
     weights scaled by c), weight_norm (plain SGD)."""
     m, cfg, prof = results["metrics"], results["config"], results["profile"]
     figs = {}
-    fig, ax = plotting.subplots()
+    fig, ax = plotting.subplots(figsize=(plotting.WIDTH, 1.3 * plotting.HEIGHT))  # legend below
     for key in ("bn", "no_bn"):
         sq = m["at_init"][key]["sq_norms"]
         ax.semilogy(range(1, len(sq) + 1), sq, "o-", color=plotting.COLORS[key], ms=3,
@@ -200,8 +200,8 @@ def figures(results):
     sq = m["at_init"]["bn"]["sq_norms"]
     ref = [sq[-1] * YANG_RELU_FACTOR ** (len(sq) - l) for l in range(1, len(sq) + 1)]
     ax.semilogy(range(1, len(sq) + 1), ref, "--", color=plotting.COLORS["reference"],
-                label="x pi/(pi-1) per layer (Yang et al.)")
-    ax.legend()
+                label="x pi/(pi-1) per layer (Yang et al., wide limit)")
+    fig.legend(loc="outside lower center")  # inside, the dashed line crosses it
     plotting.label(ax, "hidden layer l", "squared norm of dl/dW_l", f"At initialization ({prof})")
     figs["at_init"] = fig
     figs["lr_sweep"] = _sweep_figure(m["lr_sweep"], "lr", "learning rate",
@@ -222,13 +222,13 @@ def figures(results):
                                        f"Init scale, depth {cfg['sweep_depth']} ({prof})")
     e = m["effective_lr"]
     sc = [r["scale"] for r in e["rescale"]]
-    fig, ax = plotting.subplots()
+    fig, ax = plotting.subplots(figsize=(plotting.WIDTH, 1.3 * plotting.HEIGHT))  # legend below
     ax.loglog(sc, [r["grad_norm"] for r in e["rescale"]], "o-", label="gradient norm ||g||")
     ax.loglog(sc, [r["relative_step"] for r in e["rescale"]], "s-", label="relative step ||lr g|| / ||W||")
     ax.loglog(sc, [r["angle"] for r in e["rescale"]], "o:", mfc="none", ms=11,
               label="angle of that step (rad)")
     plotting.ticks_at(ax, sc)
-    ax.legend(loc="lower left")  # every curve falls to the right: that corner stays empty
+    fig.legend(loc="outside lower center")  # inside, the falling curves cross it
     plotting.label(ax, "weight scale c", "value (see legend)", f"Layer 2's weights times c ({prof})")
     figs["rescale"] = fig
     fig, ax = plotting.subplots()
