@@ -226,8 +226,8 @@ def figures(results):
     ax.plot(d["layer"], d["compounded"], "o-", label="compounded")
     ax.plot(d["layer"], d["local"], "s--", label="local, train-path input")
     ax.plot(d["layer"], d["local_eval_input"], "^:", label="local, eval-path input")
-    ax.set_ylim(0, 1.25 * max(d["compounded"] + d["local_eval_input"]))
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, 1.6 * max(d["compounded"] + d["local_eval_input"]))  # room for the legend
+    ax.legend(loc="upper left")
     plotting.label(ax, "BN layer", "gap after BN, train vs eval",
                    f"Mismatch through depth, batch {d['eval_batch']} ({tag})")
     figs["depth"] = fig

@@ -159,7 +159,8 @@ def figures(results):
     lo, hi = [r["quantiles"][0] for r in sim], [r["quantiles"][2] for r in sim]
     ax.fill_between(ms, lo, hi, alpha=0.2, color=plotting.COLORS["bn"], label="biased, 5-95 %")
     plotting.ticks_at(ax, ms)
-    fig.legend(loc="outside right center")  # beside the axes: inside, it covers the band
+    ax.set_ylim(0, 1.35 * max(hi))  # headroom above the band for the legend
+    ax.legend(loc="upper right", ncols=2)
     plotting.label(ax, "batch size m", "estimate / true variance", f"Batch variance estimator ({tag})")
     figs["simulation"] = fig
     tr = m["trained"]
