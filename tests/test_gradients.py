@@ -62,3 +62,15 @@ def test_a_diverged_run_is_a_cross_above_the_scale_not_a_point_at_zero():
     assert list(drawn["chance (10 classes)"]) == [10, 10]
     assert all(y >= 0 for ys in drawn.values() for y in ys if y == y)
     plt.close(fig)
+
+
+def test_recorded_figures_are_single_panels_of_the_column_width():
+    # One panel per figure, each beside its paragraph: readable on a 390-px phone (plotting.py).
+    import matplotlib.pyplot as plt
+    from bnlib import plotting
+    from bnlib.chapter import recorded_run
+    from bnlib.experiments.runner import draw
+    for part, fig in draw(recorded_run("gradients", start="book/experiments")).items():
+        assert len(fig.axes) == 1, part
+        assert fig.get_size_inches()[0] == pytest.approx(plotting.WIDTH), part
+        plt.close(fig)
