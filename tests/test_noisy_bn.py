@@ -87,3 +87,24 @@ def test_tiny_run_is_seeded_and_records_where_its_profile_says(tmp_path):
         assert len(m[norm]["test_accuracy"]) == 2 and len(m[norm]["ics_cosine"]) == 2
     assert [p.split("/")[-1] for p in first["figures"]] == ["noisy_bn-quick-training.png",
                                                            "noisy_bn-quick-probes.png"]
+
+
+def test_figures_have_at_most_two_panels_per_row():
+    import matplotlib.pyplot as plt
+
+    from bnlib.experiments.runner import draw
+    res = run_experiment("noisy_bn", profile="quick", device="cpu", **TINY)
+    figs = draw(res)
+    try:
+        assert list(figs) == ["training", "probes"]
+        for fig in figs.values():
+            # Readable on a 390-px phone: 2 x 2 grids, never a row of three.
+            assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, 2)}
+        # training: three plotted panels and the legend (one entry per network) in the fourth.
+        slot = [ax for ax in figs["training"].axes if not ax.axison]
+        assert len(slot) == 1
+        assert [t.get_text() for t in slot[0].get_legend().get_texts()] == [
+            "without BN", "with BN", "noisy BN"]
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
