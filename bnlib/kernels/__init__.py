@@ -7,7 +7,8 @@ formula (book/derivations/backward.ipynb), each faster where it applies; tried i
   triton    three Triton launches per direction on CUDA; opt-in, BNLIB_TRITON=1 (triton.py)
   composed  ATen operators with one full-size buffer per direction, float32/float64 (composed.py)
 
-Where none takes the tensors (half precision on a CPU, mixed dtypes), the caller's formula runs.
+Where none takes the tensors (half precision on a CPU, or any call under torch.func), the
+caller's formula runs (mixed dtypes never get here: bnlib.checks refuses them, as torch does).
 A backend that cannot load or fails at run time warns once and is switched off for the
 process; the call goes on with the next one, and the running statistics are never updated twice.
 Book: book/performance.ipynb
