@@ -191,8 +191,8 @@ def figures(results):
     for k in tr:
         if k != "step":
             ax.plot(tr["step"], tr[k], label=k)
-    ax.axvline(cfg["lr_change_step"], color=plotting.COLORS["reference"], ls="--",
-               label=f"lr x{cfg['lr_change_factor']:g}")
+    ax.axvline(cfg["lr_change_step"], ymax=0.65, color=plotting.COLORS["reference"], ls="--",
+               label=f"lr x{cfg['lr_change_factor']:g}")  # stops below the legend
     ax.set_yscale("log")
     ax.legend(loc="upper left", ncols=2, fontsize="small")
     ax.set_ylim(top=ax.get_ylim()[1] * 30)  # headroom above the curves for the legend
