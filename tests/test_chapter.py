@@ -116,7 +116,8 @@ def test_show_displays_every_part_in_order(monkeypatch):
     monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(repr(obj)))
     chapter.show(chapter.recorded_run("variance_correction", start=CHAPTERS))
     assert shown == ["<figure variance_correction-full-simulation>",
-                     "<figure variance_correction-full-trained>"]
+                     "<figure variance_correction-full-second_moment>",
+                     "<figure variance_correction-full-accuracy>"]
 
 
 def test_experiment_runs_runs_live_with_overrides(monkeypatch):

@@ -79,7 +79,9 @@ def test_what_goes_through_the_kernel(built, monkeypatch):
     assert kernel_ran(torch.randn(4, 3))
     assert not kernel_ran(torch.randn(3, 4).t())                     # neither layout
     assert not kernel_ran(torch.randn(4, 3, dtype=torch.float16))    # half: the formula
-    assert not kernel_ran(torch.randn(4, 3), torch.ones(3, dtype=torch.float64))  # mixed dtypes
+    assert not kernels.usable("cpu", torch.randn(4, 3), torch.ones(3, dtype=torch.float64))  # mixed
+    with pytest.raises(TypeError, match="weight has dtype"):   # and refused, as torch refuses it
+        kernel_ran(torch.randn(4, 3), torch.ones(3, dtype=torch.float64))
     monkeypatch.setattr(cpu, "MAX_NUMEL_ONE_THREAD", 8 * torch.get_num_threads())
     monkeypatch.setattr(cpu, "MIN_LIMIT", 8)
     assert cpu.max_numel() == 8

@@ -139,7 +139,8 @@ def test_what_takes_the_triton_path():
     assert ran(torch.randn(8, 4, 3, device=DEVICE).transpose(1, 2))   # (N, L, C) memory: rows
     assert not ran(x[:, :, ::2].clone().transpose(0, 3))            # neither layout
     assert not ran(torch.randn(8, 3, dtype=torch.float64, device=DEVICE))   # float64: composed
-    assert not ran(torch.randn(8, 3, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE))
+    assert not kernels.usable("triton", torch.randn(8, 3, device=DEVICE),
+                              torch.ones(3, dtype=torch.float64, device=DEVICE))  # mixed dtypes
     with kernels.use(triton=False):
         assert not ran(torch.randn(8, 3, device=DEVICE))
     assert T.layout(torch.empty(8, 3)) == "rows"
