@@ -157,3 +157,14 @@ def everything(rank, world):
     out["group_of_one"] = group_of_one(rank)
     out["ddp"] = ddp_training(rank)
     return out
+
+
+def lone_collective(rank, world):
+    """Rank 0 enters an all-reduce that rank 1, alive but busy for 60 s, never joins: rank 0
+    must time out, not hang."""
+    import time
+    if rank == 0:
+        dist.all_reduce(torch.ones(1))
+    else:
+        time.sleep(60)
+    return rank

@@ -194,3 +194,14 @@ def test_merge_is_chan_et_al():
     assert int(n) == 10
     torch.testing.assert_close(mean, x.mean(0))
     torch.testing.assert_close(m2, x.var(0, correction=0) * 10)
+
+
+def test_a_hung_collective_fails_within_the_timeout():
+    import time
+    start = time.monotonic()
+    with pytest.raises(Exception) as failure:  # noqa: PT011 (gloo's timeout or run_ranks' own)
+        run_ranks(sw.lone_collective, 2, timeout_s=8)
+    # the group's timeout (4 s) or run_ranks' deadline (8 s) ends it, long before rank 1's 60 s
+    # sleep would; 45 s allows for spawning two processes on a loaded two-core machine
+    assert time.monotonic() - start < 45, failure.value
+    assert "timed out" in str(failure.value).lower() or "took more than" in str(failure.value)
