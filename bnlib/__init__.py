@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 _SUBMODULES = ("reference", "functional", "kernels", "nn", "symbolic", "experiments", "plotting",
-               "measure", "chapter", "checks", "exercises", "grading")
+               "measure", "chapter", "checks", "exercises", "grading", "sync", "processes")
 
 
 def __getattr__(name):
