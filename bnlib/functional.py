@@ -197,20 +197,37 @@ class BatchNormFunction(torch.autograd.Function):
         return _jvp_formula(x, weight, mean, invstd, dx, dweight, dbias), None, None, None, None
 
 
-# The autograd core's apply, which torch.autograd.Function.apply ends in (bound to the class).
-_core_apply = super(torch.autograd.Function, BatchNormFunction).apply
+class _EagerBatchNormFunction(torch.autograd.Function):
+    """BatchNormFunction in the classic style (forward takes ctx, returns y alone), for calls
+    outside torch.func and torch.compile: a setup_context Function costs tens of microseconds
+    more per call (torch binds its arguments by signature and handles four more outputs), as long
+    as the compiled kernel takes at 100 x 500. Same forward, backward and jvp."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
+        ctx.backend, y, saved = kernels.forward(x, weight, bias, running_mean, running_var,
+                                                momentum, eps, formula_forward)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, *saved)
+        ctx.save_for_forward(x, weight, *saved[:2])
+        return layout_like_torch(y, x)
+
+    backward = staticmethod(BatchNormFunction.backward)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):
+        return BatchNormFunction.jvp(ctx, dx, dweight, dbias)[0]   # y is the only output here
 
 
 def _apply(*args):
-    """BatchNormFunction.apply(*args), less torch's per-call inspect.signature binding of default
-    arguments (done whenever setup_context is defined: tens of microseconds, as long as the
-    compiled kernel takes at 100 x 500) where it is not needed: every argument is given, and
-    outside torch.compile and torch.func transforms, with no (dead) functorch wrapper among the
-    differentiable inputs, torch's apply goes straight to the autograd core, as this does."""
+    """y of BatchNormFunction.apply(*args): the classic-style Function where no torch.func
+    transform or torch.compile trace is active and no (dead) functorch wrapper is among the
+    differentiable inputs, else the setup_context one those need."""
     if (_is_compiling() or _transforms_active()
             or any(t is not None and _is_wrapped(t) for t in args[:3])):
-        return BatchNormFunction.apply(*args)
-    return _core_apply(*args)
+        return BatchNormFunction.apply(*args)[0]
+    return _EagerBatchNormFunction.apply(*args)
 
 
 def _empty_output(x, weight, bias):
@@ -254,4 +271,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             shift = shift + bias.to(cdt)
         y = torch.addcmul(per_channel(shift, nd), input, per_channel(scale, nd)).to(input.dtype)
         return layout_like_torch(y, input)
-    return _apply(input, weight, bias, eps, running_mean, running_var, momentum)[0]
+    return _apply(input, weight, bias, eps, running_mean, running_var, momentum)

@@ -33,10 +33,9 @@ _loaded = {"composed"}   # composed needs nothing loaded
 _errors = {}             # backend -> why it was switched off
 
 
-def _increment_version(t):
-    """Mark t as modified in place, so autograd refuses a stale saved copy of it."""
-    bump = getattr(torch.autograd.graph, "increment_version", None) or torch._C._increment_version
-    bump(t)
+# Marks a tensor as modified in place, so autograd refuses a stale saved copy of it.
+_increment_version = (getattr(torch.autograd.graph, "increment_version", None)
+                      or torch._C._increment_version)
 
 
 def disable(name, err):

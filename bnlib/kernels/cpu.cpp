@@ -61,10 +61,11 @@ void centred_sums(const scalar_t* a, const scalar_t* b, const scalar_t* center, 
     scalar_t *p1 = t1.data(), *p2 = t2.data();
     // Partial sums of at most kBlock (wide) rows, then into double.
     auto flush = [&]() {
-      for (int64_t j = 0; j < W; ++j) {  // element j of a wide row is in channel j % C
-        s1[j % C] += p1[j];
-        if (kSecond) s2[j % C] += p2[j];
-      }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < C; ++c) {  // no j % C: an integer division per value is slow
+          s1[c] += p1[r * C + c];
+          if (kSecond) s2[c] += p2[r * C + c];
+        }
       std::fill(t1.begin(), t1.end(), scalar_t(0)), std::fill(t2.begin(), t2.end(), scalar_t(0));
     };
     auto accumulate = [&](int64_t offset, int64_t n) {
