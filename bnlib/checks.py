@@ -13,6 +13,12 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 
 
+def check_num_features(num_features):
+    """A BN layer's channel count: a positive int (torch builds a layer of 0 and fails later)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+
+
 def reduce_axes(ndim):
     """The axes a channel's statistics are taken over: every axis but 1."""
     return (0,) + tuple(range(2, ndim))

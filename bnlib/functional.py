@@ -20,7 +20,7 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _compute_dtype(dtype):
+def compute_dtype(dtype):
     """Statistics and per-channel coefficients: float32 for half types, else the input's."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -31,7 +31,7 @@ def batch_stats(x):
     Two-pass (mean first, then the mean of squared deviations, via torch.var_mean), so a large
     common offset does not cancel the way E[x^2] - E[x]^2 does.
     """
-    xc = x.to(_compute_dtype(x.dtype))
+    xc = x.to(compute_dtype(x.dtype))
     var, mean = torch.var_mean(xc, dim=reduce_axes(x.ndim), correction=0)
     return mean, var
 
@@ -125,6 +125,14 @@ def _jvp_formula(x, weight, mean, invstd, dx, dweight, dbias):
     return dy.to(x.dtype)
 
 
+def _save(ctx, x, weight, bias, eps, backend, saved):
+    """What backward and jvp read: the backend's name, eps, bias dtype and tensors (both styles)."""
+    ctx.backend, ctx.eps = backend, eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, *saved)
+    ctx.save_for_forward(x, weight, *saved[:2])
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN: forward normalizes with batch statistics; backward is the compact form.
 
@@ -158,13 +166,10 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, eps = inputs[:4]
-        _, mean, invstd, extra, ctx.backend = output
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _, mean, invstd, extra, backend = output
         saved = (mean, invstd) if extra is None else (mean, invstd, extra)
         ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(x, weight, *saved)
-        ctx.save_for_forward(x, weight, mean, invstd)
+        _save(ctx, x, weight, bias, eps, backend, saved)
 
     @staticmethod
     def backward(ctx, dy, *_):
@@ -205,12 +210,9 @@ class _EagerBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
-        ctx.backend, y, saved = kernels.forward(x, weight, bias, running_mean, running_var,
-                                                momentum, eps, formula_forward)
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, *saved)
-        ctx.save_for_forward(x, weight, *saved[:2])
+        backend, y, saved = kernels.forward(x, weight, bias, running_mean, running_var,
+                                            momentum, eps, formula_forward)
+        _save(ctx, x, weight, bias, eps, backend, saved)
         return layout_like_torch(y, x)
 
     backward = staticmethod(BatchNormFunction.backward)
@@ -262,7 +264,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return _empty_output(input, weight, bias)
     nd = input.ndim
     if not training:
-        cdt = _compute_dtype(input.dtype)
+        cdt = compute_dtype(input.dtype)
         scale = torch.rsqrt(running_var.to(cdt) + eps)
         if weight is not None:
             scale = scale * weight.to(cdt)

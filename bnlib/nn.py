@@ -13,6 +13,7 @@ import inspect
 from torch import nn
 
 from bnlib import functional
+from bnlib.checks import check_num_features
 
 
 class _BnlibForward:
@@ -21,8 +22,7 @@ class _BnlibForward:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True):
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        check_num_features(num_features)
         kw = {"bias": bias} if _TORCH_HAS_BIAS else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **kw)

@@ -24,14 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlib import functional
-from bnlib.checks import per_channel, reduce_axes, values_per_channel
+from bnlib.checks import check_num_features, per_channel, reduce_axes, values_per_channel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
-
-
-def _compute_dtype(dtype):  # as bnlib.functional's: float32 for half types
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def exchange_header(x, group, world_size, local_error=None):
@@ -88,7 +84,7 @@ def global_stats(x, counts, group, world_size):
     by up to half an ulp, 5e-4, which the merge would carry into every y."""
     c = x.shape[1]
     if x.numel() > 0:
-        xc = x.to(_compute_dtype(x.dtype))
+        xc = x.to(functional.compute_dtype(x.dtype))
         dims = reduce_axes(x.ndim)
         var, mean = torch.var_mean(xc, dim=dims, correction=0)
         fix = (xc - per_channel(mean, x.ndim)).mean(dims)
@@ -154,7 +150,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         counts = table[:, 2]
         n = int(counts.sum())
         mean, m2 = global_stats(x, counts, group, world_size)
-        cdt = _compute_dtype(x.dtype)
+        cdt = functional.compute_dtype(x.dtype)
         invstd = torch.rsqrt(m2 / n + eps).to(cdt)
         if running_mean is not None:
             with torch.no_grad():
@@ -204,8 +200,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
                  bias=True):
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        check_num_features(num_features)
         kw = {"bias": bias} if _HAS_BIAS else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **kw)
