@@ -30,9 +30,13 @@ EXPERIMENTS = {
     "covariate_shift": "bnlib.experiments.covariate_shift",
     "noisy_bn": "bnlib.experiments.noisy_bn",
     "inference_stats": "bnlib.experiments.inference_stats",
+    "small_batches": "bnlib.experiments.small_batches",
     "variance_correction": "bnlib.experiments.variance_correction",
     "sync_bn": "bnlib.experiments.sync_bn",
     "gradients": "bnlib.experiments.gradients",
+    "convnet": "bnlib.experiments.convnet",
+    "residual": "bnlib.experiments.residual",
+    "regularisation": "bnlib.experiments.regularisation",
 }
 PROFILES = ("quick", "full")
 CONTRACT = ("NAME", "DESCRIPTION", "PROFILES", "run", "figures")
