@@ -73,3 +73,4 @@ class BatchNorm3d(_BnlibForward, nn.BatchNorm3d):
 
 
 from bnlib.sync import SyncBatchNorm  # noqa: E402,F401  (torch.distributed across ranks: bnlib/sync.py)
+from bnlib.frozen import FrozenBatchNorm2d, freeze  # noqa: E402,F401  (fixed statistics: bnlib/frozen.py)

@@ -176,3 +176,135 @@ def test_failed_call_changes_nothing():
     for k, v in m.state_dict().items():
         if k != "weight":
             assert torch.equal(v, before[k]), k
+
+
+# --- FrozenBatchNorm2d (bnlib/frozen.py) -----------------------------------------------------
+
+def _trained_bn2d(c=3, **kw):
+    """A torch BatchNorm2d in float64 with non-trivial weight, bias and running statistics."""
+    bn = torch.nn.BatchNorm2d(c, dtype=torch.float64, **kw)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+        if bn.bias is not None:
+            bn.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+    for _ in range(3):
+        bn(3 + 2 * torch.randn(4, c, 3, 3, generator=gen, dtype=torch.float64))
+    return bn.eval()
+
+
+def test_frozen_state_dict_keys_and_defaults():
+    frozen = bnn.FrozenBatchNorm2d(4)
+    assert list(frozen.state_dict()) == ["weight", "bias", "running_mean", "running_var"]
+    assert list(frozen.parameters()) == [] and frozen.eps == 1e-5
+    for name, fill in [("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)]:
+        assert torch.equal(getattr(frozen, name), torch.full((4,), fill)), name
+    assert repr(frozen) == "FrozenBatchNorm2d(4, eps=1e-05)"
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    # Defaults are BN's identity up to eps: x / sqrt(1 + eps).
+    torch.testing.assert_close(frozen.double()(x), x / (1 + 1e-5) ** 0.5, **TOL)
+
+
+BN_KINDS = [{}, dict(affine=False), dict(bias=False), dict(momentum=None)]
+# A state_dict without weight or bias (affine=False, bias=False) does not load strictly: the
+# frozen layer has those keys; from_batchnorm and freeze supply 1 and 0.
+FROZEN_BUILDS = ([("from_batchnorm", kw) for kw in BN_KINDS] + [("freeze", kw) for kw in BN_KINDS]
+                 + [("state_dict", {}), ("state_dict", dict(momentum=None))])
+
+
+@pytest.mark.parametrize("build,kw", FROZEN_BUILDS)
+def test_frozen_equals_torch_bn_in_eval_with_input_gradient(build, kw):
+    bn = _trained_bn2d(**kw)
+    if build == "from_batchnorm":
+        frozen = bnn.FrozenBatchNorm2d.from_batchnorm(bn)
+    elif build == "freeze":
+        frozen = bnn.freeze(torch.nn.Sequential(bn))[0]
+    else:
+        frozen = bnn.FrozenBatchNorm2d(3).double()
+        frozen.load_state_dict(bn.state_dict())  # strict: num_batches_tracked is dropped
+    assert isinstance(frozen, bnn.FrozenBatchNorm2d) and frozen.running_var.dtype == torch.float64
+    x = (torch.randn(5, 3, 4, 2, dtype=torch.float64) * 2 + 3).requires_grad_()
+    y, want = frozen(x), bn(x)
+    torch.testing.assert_close(y, want, **TOL)
+    dy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    (want_gx,) = torch.autograd.grad(want, x, dy)
+    torch.testing.assert_close(gx, want_gx, **TOL)
+    assert not any(b.requires_grad for b in frozen.buffers())
+
+
+def test_frozen_has_nothing_to_train_and_train_mode_changes_nothing():
+    frozen = bnn.FrozenBatchNorm2d.from_batchnorm(_trained_bn2d())
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    frozen.eval()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    y_eval = frozen(x)
+    frozen.train()
+    y_train = frozen(x)
+    torch.testing.assert_close(y_train, y_eval, rtol=0, atol=0)  # the same map in both modes
+    y_train.sum().backward()
+    assert x.grad is not None and list(frozen.parameters()) == []
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_frozen_errors():
+    frozen = bnn.FrozenBatchNorm2d(3)
+    for shape in [(4, 3), (4, 3, 5), (2, 3, 2, 2, 2)]:
+        with pytest.raises(ValueError, match=rf"input must be 4D \(N, C, H, W\) for "
+                                             rf"FrozenBatchNorm2d, got {len(shape)}D"):
+            frozen(torch.randn(shape))
+    with pytest.raises(ValueError, match="input has 4 channels .* num_features=3"):
+        frozen(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        bnn.FrozenBatchNorm2d(0)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        bnn.FrozenBatchNorm2d(3, eps=-1e-5)
+    with pytest.raises(TypeError, match="bn must be a BatchNorm2d or SyncBatchNorm, got BatchNorm1d"):
+        bnn.FrozenBatchNorm2d.from_batchnorm(torch.nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="no running statistics"):
+        bnn.FrozenBatchNorm2d.from_batchnorm(torch.nn.BatchNorm2d(3, track_running_stats=False))
+    state = torch.nn.BatchNorm2d(3, affine=False).state_dict()
+    with pytest.raises(RuntimeError, match='Missing key.*"weight", "bias"'):
+        frozen.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="size mismatch for running_mean"):
+        frozen.load_state_dict(torch.nn.BatchNorm2d(4).state_dict())
+
+
+def test_freeze_replaces_every_bn2d_in_place_and_keeps_eval_outputs():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), bnn.BatchNorm2d(3))
+            self.shared = torch.nn.BatchNorm2d(3)
+            self.block = torch.nn.ModuleList([torch.nn.ReLU(), self.shared])
+            self.head = torch.nn.BatchNorm1d(3)  # not 2d: left as it is
+
+        def forward(self, x):
+            h = self.block[1](self.block[0](self.stem(x)))
+            return self.head(self.shared(h).mean((2, 3)))
+
+    net = Net().double()
+    for _ in range(3):
+        net(torch.randn(4, 2, 6, 6, dtype=torch.float64) + 1)
+    net.eval()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    want = net(x)
+    assert bnn.freeze(net) is net
+    assert isinstance(net.stem[1], bnn.FrozenBatchNorm2d)
+    assert net.shared is net.block[1] and isinstance(net.shared, bnn.FrozenBatchNorm2d)
+    assert type(net.head) is torch.nn.BatchNorm1d
+    torch.testing.assert_close(net(x), want, **TOL)
+    bn = torch.nn.BatchNorm2d(3)
+    assert isinstance(bnn.freeze(bn), bnn.FrozenBatchNorm2d)
+
+
+def test_freeze_refuses_before_changing_anything():
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3),
+                              torch.nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="1 .BatchNorm2d. has no running statistics"):
+        bnn.freeze(net)
+    assert type(net[0]) is torch.nn.BatchNorm2d
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        bnn.freeze("resnet")
