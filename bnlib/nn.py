@@ -6,6 +6,9 @@ them): same constructor arguments and defaults, parameters, buffers, repr and st
 loading, inherited. What bnlib replaces is forward: the training-mode normalization and its
 backward are bnlib.functional's (the derived compact form).
 momentum=None makes the running statistics a cumulative average over the batches seen.
+LazyBatchNorm1d/2d/3d are torch's lazy classes in the same way: num_features is read from the
+first input's axis 1, and that first call turns the layer into bnlib's BatchNorm1d/2d/3d.
+FrozenBatchNorm2d and freeze (fixed statistics, for fine-tuning) live in bnlib/frozen.py.
 Book: book/derivations/transform.ipynb
 """
 import inspect
@@ -19,15 +22,6 @@ from bnlib.checks import check_num_features
 class _BnlibForward:
     """bnlib's forward and input check, put before torch's BN class in the bases."""
     _expected_dims = ()
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True):
-        check_num_features(num_features)
-        kw = {"bias": bias} if _TORCH_HAS_BIAS else {}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         **kw)
-        if not bias and not _TORCH_HAS_BIAS and affine:  # torch < 2.6 has no bias argument
-            self.register_parameter("bias", None)
 
     def _check_input_dim(self, input):
         if input.dim() not in self._expected_dims:
@@ -55,21 +49,76 @@ class _BnlibForward:
 
 
 _TORCH_HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
+_LAZY_HAS_BIAS = "bias" in inspect.signature(nn.LazyBatchNorm1d.__init__).parameters
 
 
-class BatchNorm1d(_BnlibForward, nn.BatchNorm1d):
+class _BnlibBatchNorm(_BnlibForward):
+    """torch's constructor, with num_features checked first (torch builds a layer of 0)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True):
+        check_num_features(num_features)
+        kw = {"bias": bias} if _TORCH_HAS_BIAS else {}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **kw)
+        if not bias and not _TORCH_HAS_BIAS and affine:  # torch < 2.6 has no bias argument
+            self.register_parameter("bias", None)
+
+
+class BatchNorm1d(_BnlibBatchNorm, nn.BatchNorm1d):
     """Over (N, C) or (N, C, L) input; statistics per channel over N (and L)."""
     _expected_dims = (2, 3)
 
 
-class BatchNorm2d(_BnlibForward, nn.BatchNorm2d):
+class BatchNorm2d(_BnlibBatchNorm, nn.BatchNorm2d):
     """Over (N, C, H, W) input; statistics per channel over N, H and W (m' = N H W)."""
     _expected_dims = (4,)
 
 
-class BatchNorm3d(_BnlibForward, nn.BatchNorm3d):
+class BatchNorm3d(_BnlibBatchNorm, nn.BatchNorm3d):
     """Over (N, C, D, H, W) input; statistics per channel over N, D, H and W."""
     _expected_dims = (5,)
+
+
+class _BnlibLazy(_BnlibForward):
+    """torch's lazy constructor (no num_features); the first input is checked before the layer
+    takes its channel count from it, so a wrong input leaves the layer lazy (torch materialises
+    first, and for a 1D input or one with 0 channels fails with an IndexError from its own code)."""
+
+    def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True):
+        kw = {"bias": bias} if _LAZY_HAS_BIAS else {}
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **kw)
+        self._drop_bias = not bias and not _LAZY_HAS_BIAS  # torch < 2.6: no bias argument
+
+    def initialize_parameters(self, input):
+        if self.has_uninitialized_params():
+            self._check_input_dim(input)
+            if input.shape[1] == 0:
+                raise ValueError(f"input has 0 channels on axis 1 (shape {tuple(input.shape)}); "
+                                 f"{type(self).__name__} takes num_features from it and needs "
+                                 "at least 1")
+        super().initialize_parameters(input)
+        if self._drop_bias and self.affine and self.bias is not None:
+            self.register_parameter("bias", None)
+
+
+class LazyBatchNorm1d(_BnlibLazy, nn.LazyBatchNorm1d):
+    """BatchNorm1d with num_features taken from the first input; then it is a BatchNorm1d."""
+    _expected_dims = (2, 3)
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_BnlibLazy, nn.LazyBatchNorm2d):
+    """BatchNorm2d with num_features taken from the first input; then it is a BatchNorm2d."""
+    _expected_dims = (4,)
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BnlibLazy, nn.LazyBatchNorm3d):
+    """BatchNorm3d with num_features taken from the first input; then it is a BatchNorm3d."""
+    _expected_dims = (5,)
+    cls_to_become = BatchNorm3d
 
 
 from bnlib.sync import SyncBatchNorm  # noqa: E402,F401  (torch.distributed across ranks: bnlib/sync.py)

@@ -308,3 +308,108 @@ def test_freeze_refuses_before_changing_anything():
     assert type(net[0]) is torch.nn.BatchNorm2d
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         bnn.freeze("resnet")
+
+
+# --- LazyBatchNorm1d/2d/3d --------------------------------------------------------------------
+
+LAZY = [(bnn.LazyBatchNorm1d, torch.nn.LazyBatchNorm1d, bnn.BatchNorm1d, (6, 3)),
+        (bnn.LazyBatchNorm1d, torch.nn.LazyBatchNorm1d, bnn.BatchNorm1d, (6, 3, 4)),
+        (bnn.LazyBatchNorm2d, torch.nn.LazyBatchNorm2d, bnn.BatchNorm2d, (4, 3, 3, 2)),
+        (bnn.LazyBatchNorm3d, torch.nn.LazyBatchNorm3d, bnn.BatchNorm3d, (2, 3, 2, 3, 2))]
+LAZY_IDS = [f"{c.__name__}-{len(s)}D" for c, _, _, s in LAZY]
+LAZY_KINDS = [{}, dict(momentum=None, eps=1e-3), dict(affine=False), dict(bias=False),
+              dict(track_running_stats=False)]
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,becomes,shape", LAZY, ids=LAZY_IDS)
+def test_lazy_signature_state_dict_and_repr_match_torch_before_the_first_call(
+        ours_cls, theirs_cls, becomes, shape):
+    ours_sig = inspect.signature(ours_cls.__init__).parameters
+    theirs_sig = inspect.signature(theirs_cls.__init__).parameters
+    assert list(ours_sig) == list(theirs_sig)
+    for name, param in theirs_sig.items():
+        assert ours_sig[name].default == param.default, name
+    for kw in LAZY_KINDS:
+        ours, theirs = ours_cls(**kw), theirs_cls(**kw)
+        assert isinstance(ours, theirs_cls) and ours.has_uninitialized_params() == \
+            theirs.has_uninitialized_params()
+        assert list(ours.state_dict()) == list(theirs.state_dict()), kw
+        assert repr(ours) == repr(theirs), kw  # torch's Lazy name: ours is torch's class
+
+
+@pytest.mark.parametrize("kw", LAZY_KINDS)
+@pytest.mark.parametrize("ours_cls,theirs_cls,becomes,shape", LAZY, ids=LAZY_IDS)
+def test_lazy_first_call_becomes_bnlib_bn_and_matches_torch(ours_cls, theirs_cls, becomes, shape,
+                                                            kw):
+    ours = ours_cls(dtype=torch.float64, **kw)
+    theirs = theirs_cls(dtype=torch.float64, **kw)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(4):
+        x = (1 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+        y, want = ours(x), theirs(x)
+        if step == 0:  # the first call turned each into its class_to_become
+            assert type(ours) is becomes and type(theirs) is theirs_cls.cls_to_become
+            assert ours.num_features == theirs.num_features
+            assert type(ours).forward is not type(theirs).forward  # bnlib's forward runs
+        torch.testing.assert_close(y, want, **TOL)
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+        got = torch.autograd.grad(y, [x] + list(ours.parameters()), dy)
+        ref = torch.autograd.grad(want, [x] + list(theirs.parameters()), dy)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, **TOL)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, **TOL, msg=name)
+    assert repr(ours) == repr(theirs)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,becomes,shape", LAZY, ids=LAZY_IDS)
+def test_lazy_state_dict_round_trip_both_ways(ours_cls, theirs_cls, becomes, shape):
+    """A trained bnlib layer's state loads into a torch lazy layer (materialising it) and a
+    trained torch layer's into a bnlib lazy one; both then compute as the original."""
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    trained_ours, trained_theirs = ours_cls(dtype=torch.float64), theirs_cls(dtype=torch.float64)
+    for _ in range(3):
+        trained_ours(x), trained_theirs(x * 3 - 1)
+    for source, target_cls in ((trained_ours, theirs_cls), (trained_theirs, ours_cls)):
+        target = target_cls(dtype=torch.float64)
+        target.load_state_dict(source.state_dict())
+        assert not target.has_uninitialized_params()
+        for name, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[name], value), name
+        source.eval(), target.eval()
+        torch.testing.assert_close(target(x), source(x), **TOL)
+        assert isinstance(target, theirs_cls.cls_to_become)  # a BatchNorm{1,2,3}d after a call
+        source.train()
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,becomes,shape", LAZY, ids=LAZY_IDS)
+def test_lazy_wrong_first_input_is_named_and_leaves_the_layer_lazy(ours_cls, theirs_cls, becomes,
+                                                                   shape):
+    wrong = (3,) + (2,) * max(becomes._expected_dims)  # one axis too many
+    for bad in [(5,), wrong]:
+        layer = ours_cls()
+        dims = " or ".join(f"{d}D" for d in becomes._expected_dims)
+        with pytest.raises(ValueError, match=f"input must be {dims} for {ours_cls.__name__}, "
+                                             f"got {len(bad)}D"):
+            layer(torch.randn(bad))
+        assert type(layer) is ours_cls and layer.has_uninitialized_params()
+    layer = ours_cls()
+    with pytest.raises(ValueError, match="input has 0 channels on axis 1"):
+        layer(torch.randn((shape[0], 0) + shape[2:]))
+    with pytest.raises(IndexError):  # torch: an error from inside its own code, for the same input
+        theirs_cls()(torch.randn((shape[0], 0) + shape[2:]))
+    y = layer(torch.randn(shape))  # still usable: the failed calls materialised nothing
+    assert type(layer) is becomes and y.shape == shape
+
+
+def test_lazy_layers_are_found_by_torch_tools_and_keep_device_and_dtype():
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1), bnn.LazyBatchNorm2d(dtype=torch.float64))
+    net[0].double()
+    net(torch.randn(3, 2, 2, 2, dtype=torch.float64))
+    assert type(net[1]) is bnn.BatchNorm2d and net[1].running_var.dtype == torch.float64
+    assert net[1].weight.shape == (4,)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm)
