@@ -123,3 +123,4 @@ class LazyBatchNorm3d(_BnlibLazy, nn.LazyBatchNorm3d):
 
 from bnlib.sync import SyncBatchNorm  # noqa: E402,F401  (torch.distributed across ranks: bnlib/sync.py)
 from bnlib.frozen import FrozenBatchNorm2d, freeze  # noqa: E402,F401  (fixed statistics: bnlib/frozen.py)
+from bnlib.renorm import BatchRenorm1d, BatchRenorm2d  # noqa: E402,F401  (Batch Renormalization: bnlib/renorm.py)
