@@ -5,7 +5,8 @@ nn.functional.batch_norm (sample inputs, and which autograd modes it supports) a
 ModuleInfos of BatchNorm1d/2d/3d (constructor and forward inputs, error inputs). Here every one
 of them runs through bnlib in training and eval, on the compiled CPU kernel, the composed path
 and the formula, and is compared with torch; a torch release that adds a sample adds a case
-here. The only samples bnlib may refuse are its listed deliberate strictness (STRICTER below,
+here. The same module samples, without num_features, also run through bnlib's and torch's
+LazyBatchNorm1d/2d/3d (torch has no lazy BN ModuleInfo; if one comes, it runs too). The only samples bnlib may refuse are its listed deliberate strictness (STRICTER below,
 also in the README's drop-in policy), each of which is tested as such.
 """
 import math
@@ -27,6 +28,14 @@ MODULES = [m for m in module_db if m.module_cls in (torch.nn.BatchNorm1d, torch.
                                                      torch.nn.BatchNorm3d)]
 OURS = {torch.nn.BatchNorm1d: bnn.BatchNorm1d, torch.nn.BatchNorm2d: bnn.BatchNorm2d,
         torch.nn.BatchNorm3d: bnn.BatchNorm3d}
+# The lazy classes: torch (2.13) has no ModuleInfo of its own for them, so each BatchNorm sample
+# runs through the lazy pair with num_features dropped from its constructor (the lazy layer reads
+# it from the input); a torch release that adds lazy ModuleInfos has them run as well.
+LAZY = {torch.nn.BatchNorm1d: (bnn.LazyBatchNorm1d, torch.nn.LazyBatchNorm1d),
+        torch.nn.BatchNorm2d: (bnn.LazyBatchNorm2d, torch.nn.LazyBatchNorm2d),
+        torch.nn.BatchNorm3d: (bnn.LazyBatchNorm3d, torch.nn.LazyBatchNorm3d)}
+LAZY_OURS = {theirs: ours for ours, theirs in LAZY.values()}
+LAZY_MODULES = [m for m in module_db if m.module_cls in LAZY_OURS]
 BACKENDS = ["cpu", "composed", "formula"]
 # The compiled kernel and the composed path take float32/float64; half types take the formula.
 DTYPES = {"cpu": (torch.float64, torch.float32), "composed": (torch.float64, torch.float32),
@@ -50,6 +59,7 @@ def test_torch_declares_what_bnlib_now_supports():
     """The modes the OpInfo declares are the ones the tests below exercise on bnlib."""
     assert OP.supports_autograd and OP.supports_forward_ad and OP.supports_fwgrad_bwgrad
     assert len(MODULES) == 3
+    assert all(m.is_lazy for m in LAZY_MODULES)  # none in torch 2.13; run below when they come
 
 
 def _samples(dtype):
@@ -162,20 +172,48 @@ def _module_inputs(info, training, dtype=torch.float64):
                                    training=training)
 
 
+def _classes(info, lazy):
+    """(bnlib class, torch class, how many leading constructor arguments to drop) for a
+    ModuleInfo; lazy: its BatchNorm samples run through the lazy pair, without num_features."""
+    if info.module_cls in LAZY_OURS:  # torch's own lazy ModuleInfo
+        return LAZY_OURS[info.module_cls], info.module_cls, 0
+    if lazy:
+        return LAZY[info.module_cls] + (1,)
+    return OURS[info.module_cls], info.module_cls, 0
+
+
+def _pairs(info, lazy, training):
+    """(bnlib layer, torch layer, input) for each of the ModuleInfo's samples, in float64."""
+    ours_cls, theirs_cls, drop = _classes(info, lazy)
+    for mi in _module_inputs(info, training):
+        cargs, ckw = mi.constructor_input.args[drop:], mi.constructor_input.kwargs
+        ours = ours_cls(*cargs, **ckw, dtype=torch.float64)
+        theirs = theirs_cls(*cargs, **ckw, dtype=torch.float64)
+        yield ours, theirs, mi.forward_input.args[0]
+
+
+CASES = ([(m, False) for m in MODULES] + [(m, True) for m in MODULES]
+         + [(m, False) for m in LAZY_MODULES])
+
+
+def _case_id(case):
+    info, lazy = case
+    return ("Lazy-from-" if lazy else "") + info.module_cls.__name__
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("info", MODULES, ids=lambda m: m.module_cls.__name__)
-def test_module_samples_train_then_eval(info, backend):
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_module_samples_train_then_eval(case, backend):
     with parity.on(backend):
         for training in (True, False):
-            for mi in _module_inputs(info, training):
-                cargs, ckw = mi.constructor_input.args, mi.constructor_input.kwargs
-                ours = OURS[info.module_cls](*cargs, **ckw, dtype=torch.float64)
-                theirs = info.module_cls(*cargs, **ckw, dtype=torch.float64)
+            for ours, theirs, x in _pairs(*case, training):
                 ours.train(training), theirs.train(training)
-                (x,) = mi.forward_input.args
                 for _ in range(2):  # twice: the second call sees updated running statistics
                     y, want = ours(x), theirs(x)
                     torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-9)  # float64
+                    # A lazy pair became BatchNorm{1,2,3}d at the first call: ours bnlib's.
+                    assert type(ours).__name__ == type(theirs).__name__
+                    assert type(ours).forward is not type(theirs).forward
                 assert list(ours.state_dict()) == list(theirs.state_dict())
                 for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
                     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
@@ -187,16 +225,18 @@ def test_module_samples_train_then_eval(info, backend):
                         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("info", MODULES, ids=lambda m: m.module_cls.__name__)
-def test_module_error_inputs(info):
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_module_error_inputs(case):
     """torch's error inputs (eps <= 0): the same error type, message and stage on bnlib."""
+    info, lazy = case
+    cls, _, drop = _classes(info, lazy)
     errors = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32,
                                            requires_grad=False, training=True)
     assert errors
     for err in errors:
         mi = err.module_error_input
-        ctor = lambda: OURS[info.module_cls](*mi.constructor_input.args,  # noqa: E731
-                                             **mi.constructor_input.kwargs)
+        cargs, ckw = mi.constructor_input.args[drop:], mi.constructor_input.kwargs
+        ctor = lambda: cls(*cargs, **ckw)  # noqa: E731
         if err.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
             with pytest.raises(err.error_type, match=err.error_regex):
                 ctor()
