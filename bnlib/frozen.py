@@ -42,8 +42,9 @@ class FrozenBatchNorm2d(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn):
-        """A frozen copy of a BatchNorm2d (torch's, bnlib's or a SyncBatchNorm) as it stands now:
-        its eval-mode output, on its device and dtype. An affine=False (or bias=False) layer
+        """A frozen copy of a BatchNorm2d (torch's, bnlib's or a SyncBatchNorm, taken to be over
+        (N, C, H, W) input as in detection backbones) as it stands now: its eval-mode output, on
+        its device and dtype; later changes to bn do not reach the copy. An affine=False (or bias=False) layer
         gives weight 1 (bias 0). A layer without running statistics is refused: its eval output
         uses each batch's statistics, which no fixed affine reproduces."""
         if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):

@@ -413,3 +413,32 @@ def test_lazy_layers_are_found_by_torch_tools_and_keep_device_and_dtype():
     assert net[1].weight.shape == (4,)
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_from_sync_bn_on_its_device_and_independent_of_it(device):
+    """A SyncBatchNorm (eval needs no process group) freezes to the same map, on bn's device;
+    the copy does not follow later changes to bn."""
+    bn = _trained_bn2d().to(device)
+    sync = torch.nn.SyncBatchNorm(3, dtype=torch.float64).to(device)
+    sync.load_state_dict(bn.state_dict())
+    frozen = bnn.FrozenBatchNorm2d.from_batchnorm(sync.eval())
+    assert frozen.running_mean.device.type == device
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device)
+    torch.testing.assert_close(frozen(x), bn(x), **TOL)
+    with torch.no_grad():
+        sync.running_mean.add_(1.0), sync.weight.mul_(2.0)
+    torch.testing.assert_close(frozen(x), bn(x), **TOL)
+
+
+def test_frozen_half_input_computes_in_float32_as_bn_does():
+    """float16 input with float32 buffers, as torch BN takes it: the affine in float32, the
+    output float16; both round once to float16 (half an ulp, 2**-11 relative, each). Near y = 0
+    the two float32 formulas differ by ~1e-7 of the terms (|x scale|, |shift| < 10): well under
+    float16's smallest normal, 2**-14, the absolute tolerance."""
+    bn = _trained_bn2d().float()
+    frozen = bnn.FrozenBatchNorm2d.from_batchnorm(bn)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3)).half()
+    y, want = frozen(x), bn(x)
+    assert y.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(y, want, rtol=2 * 2**-11, atol=2**-14)
