@@ -22,6 +22,10 @@ from bnlib import functional
 from bnlib.checks import check_eps_for, check_num_features
 
 
+_LAZY = ("a LazyBatchNorm2d that has not seen an input has no statistics to freeze: run one "
+         "forward (or load a state_dict) first")
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine: y = weight (x - running_mean) /
     sqrt(running_var + eps) + bias per channel, over (N, C, H, W) input, in train and eval alike.
@@ -47,6 +51,8 @@ class FrozenBatchNorm2d(nn.Module):
         its device and dtype; later changes to bn do not reach the copy. An affine=False (or bias=False) layer
         gives weight 1 (bias 0). A layer without running statistics is refused: its eval output
         uses each batch's statistics, which no fixed affine reproduces."""
+        if isinstance(bn, nn.LazyBatchNorm2d):
+            raise ValueError(_LAZY)
         if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
             raise TypeError(f"bn must be a BatchNorm2d or SyncBatchNorm, got {type(bn).__name__}")
         if bn.running_mean is None or bn.running_var is None:
@@ -102,7 +108,10 @@ def freeze(model):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
-    for name, m in targets:  # check all first, so that a refusal leaves the model as it was
+    for name, m in model.named_modules():  # check all first: a refusal leaves the model as is
+        if isinstance(m, nn.LazyBatchNorm2d):
+            raise ValueError(f"{name}: {_LAZY}")
+    for name, m in targets:
         if m.running_mean is None:
             raise ValueError(f"{name} ({type(m).__name__}) has no running statistics "
                              "(track_running_stats=False): nothing to freeze")

@@ -308,6 +308,14 @@ def test_freeze_refuses_before_changing_anything():
     assert type(net[0]) is torch.nn.BatchNorm2d
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         bnn.freeze("resnet")
+    lazy = torch.nn.Sequential(torch.nn.BatchNorm2d(3), bnn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="1: a LazyBatchNorm2d that has not seen an input"):
+        bnn.freeze(lazy)
+    assert type(lazy[0]) is torch.nn.BatchNorm2d
+    with pytest.raises(ValueError, match="LazyBatchNorm2d that has not seen an input"):
+        bnn.FrozenBatchNorm2d.from_batchnorm(torch.nn.LazyBatchNorm2d())
+    lazy(torch.randn(2, 3, 2, 2))  # once materialised it is a BatchNorm2d, and freezes
+    assert isinstance(bnn.freeze(lazy)[1], bnn.FrozenBatchNorm2d)
 
 
 # --- LazyBatchNorm1d/2d/3d --------------------------------------------------------------------
