@@ -149,6 +149,18 @@ def _check_tensor(t, name, device):
                          "move them to the same device")
 
 
+def _plain_params(input, tensors, c):
+    """The common case, in one cheap sweep: each of tensors is None or a (C,) tensor with the
+    input's dtype and device (every check below passes then; anything else takes the full checks)."""
+    dtype, device, shape = input.dtype, input.device, (c,)
+    for t in tensors:
+        if t is not None and not (type(t) is torch.Tensor or isinstance(t, torch.Tensor)):
+            return False
+        if t is not None and (t.dtype != dtype or t.shape != shape or t.device != device):
+            return False
+    return True
+
+
 def check_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """Every check batch_norm makes, before anything is computed or mutated: what torch accepts
     passes, what it rejects fails (with an error naming the argument). Returns (momentum, eps)
@@ -170,10 +182,11 @@ def check_args(input, running_mean, running_var, weight, bias, training, momentu
                          f"running_var={_kind(running_var)}")
     params = (("running_mean", running_mean), ("running_var", running_var),
               ("weight", weight), ("bias", bias))
-    for name, t in params:
-        _check_tensor(t, name, input.device)
-        check_channel_param(t, c, name, any_shape=name in ("weight", "bias"))
-    check_param_dtypes(input, params)
+    if not _plain_params(input, (running_mean, running_var, weight, bias), c):
+        for name, t in params:
+            _check_tensor(t, name, input.device)
+            check_channel_param(t, c, name, any_shape=name in ("weight", "bias"))
+        check_param_dtypes(input, params)
     if training:
         if input.numel() > 0:
             check_batch_for_training(input.shape, "input")

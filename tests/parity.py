@@ -92,7 +92,7 @@ def run(x, weight, bias, dy, running=None, **kw):
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias)]
     rm, rv = running if running is not None else (None, None)
     y = BF.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training=True, **kw)
-    backend = y.grad_fn.backend
+    backend = BF.backend_of(y)
     y.backward(dy)
     stats = [s for s in (rm, rv) if s is not None]
     return [y.detach()] + [t.grad for t in leaves if t is not None] + stats, backend

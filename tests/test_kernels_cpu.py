@@ -29,7 +29,7 @@ def test_running_statistics_updated_like_torch(built):
     theirs = tuple(t.clone() for t in mine)
     versions = [t._version for t in mine]
     y = BF.batch_norm(x.requires_grad_(), *mine, training=True, momentum=0.3)
-    assert y.grad_fn.backend == "cpu"
+    assert BF.backend_of(y) == "cpu"
     F.batch_norm(x, *theirs, training=True, momentum=0.3)
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -65,7 +65,7 @@ def test_only_parameter_gradients_when_x_needs_none(built):
     x = torch.randn(10, 4, dtype=torch.float64)
     w = torch.rand(4, dtype=torch.float64, requires_grad=True)
     y = BF.batch_norm(x, None, None, w, None, training=True)
-    assert y.grad_fn.backend == "cpu"
+    assert BF.backend_of(y) == "cpu"
     dy = torch.randn(10, 4, dtype=torch.float64)
     y.backward(dy)
     xhat = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
@@ -75,7 +75,7 @@ def test_only_parameter_gradients_when_x_needs_none(built):
 def test_what_goes_through_the_kernel(built, monkeypatch):
     def kernel_ran(x, *params):
         y = BF.batch_norm(x.requires_grad_(), None, None, *params, training=True)
-        return y.grad_fn.backend == "cpu"
+        return BF.backend_of(y) == "cpu"
     assert kernel_ran(torch.randn(4, 3))
     assert not kernel_ran(torch.randn(3, 4).t())                     # neither layout
     assert not kernel_ran(torch.randn(4, 3, dtype=torch.float16))    # half: the formula
@@ -138,9 +138,69 @@ def test_a_failed_build_warns_once_and_keeps_the_composed_path(tmp_path, monkeyp
     x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     with kernels.use(cpu=True), pytest.warns(RuntimeWarning, match="could not build the compiled CPU kernel"):
         y = BF.batch_norm(x, None, None, training=True)
-    assert y.grad_fn.backend == "composed"
+    assert BF.backend_of(y) == "composed"
     assert kernels.status("cpu").startswith(("RuntimeError", "CalledProcess"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                 # said once, not per call
         y = BF.batch_norm(x, None, None, training=True)
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+
+
+# --- the C++ autograd node (cpu_autograd.cpp) that plain eager calls get --------------------
+
+def _leaves(*shapes, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def test_a_plain_call_builds_the_cpp_node_and_transforms_get_the_python_function(built):
+    x, w = _leaves((6, 3), (3,))
+    y = BF.batch_norm(x, None, None, w, None, training=True)
+    assert BF.backend_of(y) == "cpu" and not hasattr(y.grad_fn, "backend")  # a C++ node
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
+        y = BF.batch_norm(dual, None, None, w.detach(), None, training=True)
+        tangent = fwAD.unpack_dual(y).tangent
+    # The tangent of a per-channel constant shift is zero: normalization removes it.
+    torch.testing.assert_close(tangent, torch.zeros_like(tangent), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("given", ["weight and bias", "bias only", "weight only", "neither"])
+def test_cpp_node_gradients_and_double_backward_match_autograd(built, given):
+    x, w, b = _leaves((7, 4, 3), (4,), (4,))
+    w = w if "weight" in given or given == "weight and bias" else None
+    b = b if "bias" in given else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    dy = torch.randn(7, 4, 3, dtype=torch.float64)
+    grads = {}
+    def formula(x, rm, rv, w, b, training):  # autograd through Algorithm 1 (torch's own
+        # batch_norm has no double backward with a bias but no weight)
+        mean, var = x.mean((0, 2), keepdim=True), x.var((0, 2), unbiased=False, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + 1e-5)
+        y = y if w is None else y * w.reshape(1, -1, 1)
+        return y if b is None else y + b.reshape(1, -1, 1)
+    for name, fn in (("bnlib", BF.batch_norm), ("torch", formula)):
+        y = fn(x, None, None, w, b, training=True)
+        if name == "bnlib":
+            assert BF.backend_of(y) == "cpu"
+        first = torch.autograd.grad(y, inputs, dy, create_graph=True)
+        # A second derivative through every first-order gradient (the create_graph branch).
+        second = torch.autograd.grad(sum((g * g).sum() for g in first), inputs,
+                                     allow_unused=True, materialize_grads=True)
+        grads[name] = first + second
+    for mine, theirs in zip(grads["bnlib"], grads["torch"]):
+        # float64, sums of ~21 terms of O(1): agreement to ~1e-13 relative (rounding only).
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_cpp_node_gradcheck_and_inference_mode(built):
+    x, w, b = _leaves((5, 3), (3,), (3,))
+    fn = lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    with torch.inference_mode():
+        y = BF.batch_norm(x.detach(), rm, rv, w.detach(), b.detach(), training=True)
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, w, b, training=True).detach())
+    torch.testing.assert_close(rm, 0.1 * x.detach().mean(0))

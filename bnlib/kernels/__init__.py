@@ -121,6 +121,14 @@ def forward(x, weight, bias, running_mean, running_var, momentum, eps, formula):
     return "formula", y, (mean, invstd)
 
 
+def train(x, weight, bias, running_mean, running_var, momentum, eps):
+    """y from a backend whose call builds its own (C++) autograd node, or None where none takes
+    the tensors. Only for plain eager calls: that node has no jvp or torch.func rule."""
+    if usable("cpu", x, weight, bias, running_mean, running_var):
+        return cpu.train(x, weight, bias, running_mean, running_var, momentum, eps)
+    return None
+
+
 def backward(name, dy, x, weight, saved, need_dx, formula):
     """(dx or None, dl/dgamma, dl/dbeta) from the backend that ran the forward (saved: what its
     forward returned), else the composed backend, else formula(dy, x, weight, mean, invstd)."""

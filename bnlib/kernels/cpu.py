@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
+# bnlib::train, the same call with its autograd node in C++ (see there).
+AUTOGRAD_SOURCE = Path(__file__).with_name("cpu_autograd.cpp")
 # The kernel is single-threaded; the composed path runs on all of torch's threads. Measured on a
 # 2-core machine (bench/, see the Performance chapter), the kernel is ahead of both torch's
 # native kernel and the composed path at 1024 x 1024 with one thread and level with native with
@@ -90,7 +92,8 @@ def load():
     directory = build_directory()
     os.makedirs(directory, exist_ok=True)
     with _build_lock(directory):
-        load_extension(name="bnlib_cpu", sources=[str(SOURCE)], build_directory=directory,
+        load_extension(name="bnlib_cpu", sources=[str(SOURCE), str(AUTOGRAD_SOURCE)],
+                       build_directory=directory,
                        extra_cflags=_compile_flags(), is_python_module=False, verbose=False)
 
 
@@ -123,6 +126,11 @@ def takes(x, *params):
 def forward(x, weight, bias, running_mean, running_var, momentum, eps):
     """(y, mean, invstd); the running statistics are updated in place, in C++."""
     return torch.ops.bnlib.forward(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def train(x, weight, bias, running_mean, running_var, momentum, eps):
+    """y of a training-mode call, with its autograd node in C++ (backward: the kernel's)."""
+    return torch.ops.bnlib.train(x, weight, bias, running_mean, running_var, momentum, eps)
 
 
 def backward(dy, x, weight, mean, invstd, need_dx=True):
