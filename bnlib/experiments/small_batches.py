@@ -189,43 +189,47 @@ def _rows(rows, arm):
     return [r for r in rows if r["arm"] == arm]
 
 
+STYLES = {"bn": "o-", "renorm": "o-", "gn": "s--", "ln": "^:"}
+
+
+def _draw(ax, xs, rows_of, key):
+    """One line per arm of rows_of(arm) (values of `key`, in %) against xs. On a gap panel GN and
+    LN are one line: they are the same function in both modes, so their gap is exactly 0."""
+    arms = ARMS if key != "gap" else BATCH_ARMS
+    for arm in arms:
+        ax.plot(xs, [100 * r[key] for r in rows_of(arm)], STYLES[arm], color=COLORS[arm],
+                label=LABELS[arm])
+    if key == "gap":
+        ax.plot(xs, [100 * r[key] for r in rows_of("gn")], "--", color=COLORS["gn"],
+                label="GroupNorm, LayerNorm")
+
+
 def figures(results):
     """Four parts, one panel each: accuracy and gap (against the normalisation batch g),
     noniid and noniid_gap (against the classes per minibatch, i.i.d. minibatches last)."""
     m, cfg = results["metrics"], results["config"]
     tag = f"{results['profile']}, {results['device_name']}"
-    gs = cfg["micro"]
-    iid = {arm: next(r for r in m["micro"] if r["arm"] == arm and r["group"] == cfg["batch"])
-           for arm in ARMS}
-    ks = cfg["classes_per_batch"]
-    xs = list(range(len(ks) + 1))
+    b, ks = cfg["batch"], cfg["classes_per_batch"]
+    iid = {arm: next(r for r in m["micro"] if r["arm"] == arm and r["group"] == b) for arm in ARMS}
+    accuracy_label, gap_label = "test accuracy, eval mode (%)", "train-mode minus eval-mode (points)"
     figs = {}
-    for part, key, ylabel, title in (
-            ("accuracy", "acc_eval", "test accuracy, eval mode (%)", "Normalisation batch"),
-            ("gap", "gap", "train-mode minus eval-mode (points)", "Train/eval gap")):
+    for part, key, ylabel, title in (("accuracy", "acc_eval", accuracy_label, "Accuracy"),
+                                     ("gap", "gap", gap_label, "Train/eval gap")):
         fig, ax = plotting.subplots()
-        for arm in ARMS:
-            rows = _rows(m["micro"], arm)
-            vals = [100 * r[key] for r in rows]
-            style = "o-" if arm in BATCH_ARMS else "--"
-            ax.semilogx([r["group"] for r in rows], vals, style, color=COLORS[arm],
-                        label=LABELS[arm])
-        plotting.ticks_at(ax, gs)
+        _draw(ax, cfg["micro"], lambda arm: _rows(m["micro"], arm), key)
+        ax.set_xscale("log")
+        plotting.ticks_at(ax, cfg["micro"])
         ax.legend()
-        plotting.label(ax, f"examples per normalisation group g (of {cfg['batch']})", ylabel,
+        plotting.label(ax, f"normalisation group g (of a minibatch of {b})", ylabel,
                        f"{title} ({tag})")
         figs[part] = fig
-    for part, key, ylabel, title in (
-            ("noniid", "acc_eval", "test accuracy, eval mode (%)", "Few classes per batch"),
-            ("noniid_gap", "gap", "train-mode minus eval-mode (points)", "Train/eval gap")):
+    xs = list(range(len(ks) + 1))
+    for part, key, ylabel, title in (("noniid", "acc_eval", accuracy_label, "Few classes"),
+                                     ("noniid_gap", "gap", gap_label, "Train/eval gap")):
         fig, ax = plotting.subplots()
-        for arm in ARMS:
-            rows = _rows(m["noniid"], arm) + [iid[arm]]
-            vals = [100 * r[key] for r in rows]
-            ax.plot(xs, vals, "o-" if arm in BATCH_ARMS else "s--", color=COLORS[arm],
-                    label=LABELS[arm])
+        _draw(ax, xs, lambda arm: _rows(m["noniid"], arm) + [iid[arm]], key)
         ax.set_xticks(xs, [str(k) for k in ks] + ["i.i.d."])
         ax.legend()
-        plotting.label(ax, f"classes per minibatch of {cfg['batch']}", ylabel, f"{title} ({tag})")
+        plotting.label(ax, f"classes per minibatch of {b}", ylabel, f"{title} ({tag})")
         figs[part] = fig
     return figs
