@@ -263,3 +263,19 @@ def test_fold_model_refuses_training_and_untraceable_models():
         fold_model(Dynamic().eval())
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fold_model("resnet")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fold_on_cuda_matches_cpu():
+    layer, bn, x = pair("conv2d", True, True, seed=3)
+    cpu = fold_into(layer.float(), bn.float())
+    gpu = fold_into(layer.cuda(), bn.cuda())
+    assert gpu.weight.device.type == "cuda" and gpu.weight.dtype == torch.float32
+    # Both fold in float64 and round once: the same float32 numbers, bit for bit.
+    assert torch.equal(gpu.weight.cpu(), cpu.weight) and torch.equal(gpu.bias.cpu(), cpu.bias)
+    model = fold_model(nn.Sequential(layer, bn).cuda())
+    # float32 convolutions on a GPU may run in TF32 (torch's cuDNN default, 10-bit mantissa):
+    # outputs of size ~10 then agree to ~1e-2 relative; 1e-3 absolute would be too tight, so
+    # rtol = atol = 3e-2; a wrong fold is off by O(1).
+    torch.testing.assert_close(model(x.float().cuda()), bn(layer(x.float().cuda())),
+                               rtol=3e-2, atol=3e-2)
