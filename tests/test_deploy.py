@@ -279,3 +279,32 @@ def test_fold_on_cuda_matches_cpu():
     # rtol = atol = 3e-2; a wrong fold is off by O(1).
     torch.testing.assert_close(model(x.float().cuda()), bn(layer(x.float().cuda())),
                                rtol=3e-2, atol=3e-2)
+
+
+def test_frozen_and_renorm_layers_fold_in_a_model():
+    frozen = randomised(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
+    bnn.freeze(frozen)            # BatchNorm2d -> FrozenBatchNorm2d, in place
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert foldable_pairs(frozen) == [("0", "1"), ("3", "4")]
+    _eval_equal(frozen.train(), x)    # frozen layers fold in train mode too
+    renorm = randomised(nn.Sequential(nn.Conv2d(3, 4, 3), bnn.BatchRenorm2d(4)))
+    assert foldable_pairs(renorm) == [("0", "1")]
+    _eval_equal(renorm, x)
+
+
+class ReadsWeight(nn.Module):
+    """A forward that also reads the conv's weight directly (weight decay term, tying...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.weight.sum()
+
+
+def test_a_layer_read_elsewhere_is_left_alone():
+    model = randomised(ReadsWeight())
+    assert foldable_pairs(model) == []
+    _eval_equal(model, torch.randn(2, 3, 4, 4, dtype=torch.float64))
