@@ -105,8 +105,10 @@ def _nnx(momentum=None):
 
 
 def import_keras():
-    """Keras 3 on the torch backend unless KERAS_BACKEND says otherwise (set before import)."""
+    """Keras 3 on the torch backend unless KERAS_BACKEND says otherwise (set before import).
+    Keras imports JAX where it is installed, so JAX's platform is settled first (import_jax)."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     return importlib.import_module("keras")
 
 
