@@ -8,7 +8,8 @@ import importlib
 
 __version__ = "0.1.0"
 _SUBMODULES = ("reference", "functional", "kernels", "nn", "symbolic", "experiments", "plotting",
-               "measure", "chapter", "checks", "exercises", "grading", "sync", "processes")
+               "measure", "chapter", "checks", "exercises", "grading", "sync", "processes",
+               "deploy", "renorm", "frozen", "conventions", "convert")
 
 
 def __getattr__(name):

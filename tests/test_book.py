@@ -13,12 +13,15 @@ TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 # The fixed layout of the book: _toc.yml must list exactly these, in this order.
 LAYOUT = [
     "book/intro", "book/questions", "book/notation",
-    "book/derivations/transform", "book/derivations/bias_cancelled", "book/derivations/backward",
+    "book/derivations/transform", "book/derivations/deployment",
+    "book/derivations/bias_cancelled", "book/derivations/backward",
     "book/derivations/jacobian", "book/derivations/scale_invariance",
+    "book/derivations/batch_renorm",
     "book/experiments/covariate_shift", "book/experiments/noisy_bn",
-    "book/experiments/inference_stats", "book/experiments/variance_correction",
-    "book/experiments/sync_bn",
-    "book/experiments/gradients",
+    "book/experiments/inference_stats", "book/experiments/small_batches",
+    "book/experiments/variance_correction", "book/experiments/sync_bn",
+    "book/experiments/gradients", "book/experiments/residual", "book/experiments/convnets",
+    "book/experiments/regularisation",
     "book/performance", "book/bibliography",
 ]
 MARKDOWN_PAGES = {"book/intro", "book/questions", "book/notation", "book/bibliography"}
