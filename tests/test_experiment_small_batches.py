@@ -97,3 +97,5 @@ def test_tiny_run_reports_every_arm_and_draws_four_parts():
     assert gn2["acc_eval"] == gn8["acc_eval"]            # g does not reach GroupNorm
     figs = exp.figures(r)
     assert set(figs) == {"accuracy", "gap", "noniid", "noniid_gap"}
+    with pytest.raises(ValueError, match=r"micro must include batch \(8\)"):
+        run_experiment("small_batches", profile="quick", device="cpu", **{**TINY, "micro": [2, 4]})

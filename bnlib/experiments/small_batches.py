@@ -160,6 +160,9 @@ def run(config, device="cpu", seed=0, progress=False):
     data = load_dataset(config["dataset"], seed=seed, device=device)
     x, y, xt, yt = data
     b, steps = config["batch"], config["steps"]
+    if b not in config["micro"]:  # the i.i.d. reference of the non-i.i.d. sweep and the figures
+        raise ValueError(f"micro must include batch ({b}), the whole minibatch, got "
+                         f"{config['micro']}")
     n_test = len(xt) // b * b
     micro, noniid = [], []
     for g in config["micro"]:
