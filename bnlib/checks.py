@@ -19,6 +19,14 @@ def check_num_features(num_features):
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
 
 
+def check_input_dims(input, expected, layer):
+    """A layer's input rank: one of `expected` (e.g. (2, 3)); the error names the layer."""
+    if input.dim() not in expected:
+        dims = " or ".join(f"{d}D" for d in expected)
+        raise ValueError(f"input must be {dims} for {layer}, "
+                         f"got {input.dim()}D (shape {tuple(input.shape)})")
+
+
 def reduce_axes(ndim):
     """The axes a channel's statistics are taken over: every axis but 1."""
     return (0,) + tuple(range(2, ndim))

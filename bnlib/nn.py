@@ -16,7 +16,7 @@ import inspect
 from torch import nn
 
 from bnlib import functional
-from bnlib.checks import check_num_features
+from bnlib.checks import check_input_dims, check_num_features
 
 
 class _BnlibForward:
@@ -24,10 +24,7 @@ class _BnlibForward:
     _expected_dims = ()
 
     def _check_input_dim(self, input):
-        if input.dim() not in self._expected_dims:
-            dims = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"input must be {dims} for {type(self).__name__}, "
-                             f"got {input.dim()}D (shape {tuple(input.shape)})")
+        check_input_dims(input, self._expected_dims, type(self).__name__)
 
     def forward(self, input):
         self._check_input_dim(input)

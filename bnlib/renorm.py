@@ -29,7 +29,7 @@ import math
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlib import functional
-from bnlib.checks import _real, check_args, check_num_features
+from bnlib.checks import _real, check_args, check_input_dims, check_num_features
 from bnlib.renorm_function import BatchRenormFunction
 
 
@@ -134,10 +134,7 @@ class _BatchRenorm(_BatchNorm):
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
     def _check_input_dim(self, input):
-        if input.dim() not in self._expected_dims:
-            dims = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"input must be {dims} for {type(self).__name__}, "
-                             f"got {input.dim()}D (shape {tuple(input.shape)})")
+        check_input_dims(input, self._expected_dims, type(self).__name__)
 
     def forward(self, input):
         self._check_input_dim(input)
