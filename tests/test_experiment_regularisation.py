@@ -12,7 +12,7 @@ from bnlib.nn import BatchNorm1d
 
 # digits (ships with scikit-learn: nothing generated), a narrow net, a few epochs.
 TINY = dict(dataset="digits", n_train=64, width=16, seeds=2, epochs=2, batch_size=16,
-            ghost_sizes=[4, 16])
+            ghost_sizes=[4, 16], batch_sizes=[8, 16])
 
 
 def kinds(model):
@@ -49,6 +49,9 @@ def test_ghost_network_and_argument_errors():
     with pytest.raises(ValueError, match="ghost_sizes"):
         run_experiment("regularisation", profile="quick", device="cpu",
                        **{**TINY, "ghost_sizes": [3]})
+    with pytest.raises(ValueError, match="batch_sizes"):
+        run_experiment("regularisation", profile="quick", device="cpu",
+                       **{**TINY, "batch_sizes": [128]})
     with pytest.raises(ValueError, match="n_train"):
         run_experiment("regularisation", profile="quick", device="cpu", **{**TINY, "n_train": 10**6})
 
@@ -90,8 +93,16 @@ def test_tiny_run_is_deterministic_and_draws_its_parts():
     for r in m["grid"] + m["ghost"]:
         assert len(r["test_acc_seeds"]) == 2 and 0 <= r["test_acc"] <= 1
         assert r["acc_gap"] == pytest.approx(r["train_acc"] - r["test_acc"], abs=1e-12)
+    sweep = {r["batch_size"]: r for r in m["sweep"]}
+    assert [r["batch_size"] for r in m["sweep"]] == [8, 16]
+    assert sweep[8]["lr"] == pytest.approx(a["config"]["lr"] / 2)  # lr scaled with the batch
+    assert sweep[8]["no_bn"]["steps"] == 2 * (64 // 8)              # same epochs, more steps
+    grid = {r["variant"]: r for r in m["grid"]}
+    for norm in ("no_bn", "bn"):  # the sweep's B = batch_size is the grid's run
+        assert sweep[16][norm]["test_acc_seeds"] == grid[norm]["test_acc_seeds"]
+    assert sweep[8]["bn_effect"] == sweep[8]["bn"]["test_acc"] - sweep[8]["no_bn"]["test_acc"]
     figs = exp.figures(a)
-    assert set(figs) == {"accuracy", "gap", "test_loss", "ghost"}
+    assert set(figs) == {"accuracy", "gap", "test_loss", "batch_size", "ghost"}
     import matplotlib.pyplot as plt
     for f in figs.values():
         plt.close(f)

@@ -2,7 +2,11 @@
 train/test gap of an MLP trained to near-zero training loss, with and without BN, with and
 without dropout; and how BN's effect changes with the noise of its batch statistics.
 
-The noise sweep keeps everything of the training fixed (minibatches of batch_size, learning
+The batch-size sweep trains plain and BN networks (no dropout) with minibatches of 4 to 256
+for the same number of epochs, the learning rate scaled with the batch size (lr * B /
+batch_size: the linear scaling rule of Goyal et al. 2017, which keeps SGD's own noise, set by
+lr / B, about the same), so that every run fits its training set; BN's effect is BN minus no BN
+at each batch size. The ghost sweep keeps everything of the training fixed (minibatches of batch_size, learning
 rate, epochs, seeds) and changes only how many examples each BN statistic is taken over: ghost
 batches of g examples (bnlib.experiments.sync_bn.GhostBatchNorm1d), g = batch_size being plain
 BN. Changing the batch size itself would also change the SGD noise and the number of steps,
@@ -27,8 +31,9 @@ VARIANTS = (("no_bn", False), ("no_bn", True), ("bn", False), ("bn", True))  # (
 _COMMON = dict(dataset="mnist1d", num_samples=4000, n_train=512, width=256, depth=2,
                dropout=0.5, lr=0.02, momentum=0.9, batch_size=64)
 PROFILES = {
-    "quick": dict(_COMMON, seeds=2, epochs=100, ghost_sizes=[2, 8, 64]),
-    "full": dict(_COMMON, seeds=6, epochs=150, ghost_sizes=[2, 4, 8, 16, 32, 64]),
+    "quick": dict(_COMMON, seeds=2, epochs=100, ghost_sizes=[2, 8, 64], batch_sizes=[16, 64, 256]),
+    "full": dict(_COMMON, seeds=6, epochs=150, ghost_sizes=[2, 4, 8, 16, 32, 64],
+                 batch_sizes=[4, 8, 16, 32, 64, 128, 256]),
 }
 
 
@@ -106,7 +111,10 @@ def run(config, device="cpu", seed=0, progress=False):
         raise ValueError(f"ghost_sizes must divide batch_size={b} and be >= 2, got {bad}")
     data = (x[:n], y[:n], xt, yt)
     seeds = [seed + s for s in range(config["seeds"])]
-    bar = progress_bar((len(VARIANTS) + len(config["ghost_sizes"])) * len(seeds), progress, NAME)
+    if any(not 1 <= bs <= n for bs in config["batch_sizes"]):
+        raise ValueError(f"batch_sizes must be in [1, n_train={n}], got {config['batch_sizes']}")
+    jobs = len(VARIANTS) + len(config["ghost_sizes"]) + 2 * len(config["batch_sizes"])
+    bar = progress_bar(jobs * len(seeds), progress, NAME)
     grid = []
     for norm, dropout in VARIANTS:
         runs = [fit(data, config, norm == "bn", dropout, s) for s in seeds]
@@ -117,8 +125,22 @@ def run(config, device="cpu", seed=0, progress=False):
     for g in config["ghost_sizes"]:
         ghost.append(dict(ghost=g, **_summary([fit(data, config, True, False, s, g) for s in seeds])))
         bar.update(len(seeds))
+    by_variant = {r["variant"]: r for r in grid}
+    sweep = []
+    for bs in config["batch_sizes"]:
+        cfg = dict(config, batch_size=bs, lr=config["lr"] * bs / b)
+        row = dict(batch_size=bs, lr=cfg["lr"])
+        for norm in ("no_bn", "bn"):
+            if bs == b:  # the grid's run, the same configuration
+                row[norm] = {k: v for k, v in by_variant[norm].items()
+                             if k not in ("variant", "bn", "dropout")}
+            else:
+                row[norm] = _summary([fit(data, cfg, norm == "bn", False, s) for s in seeds])
+            bar.update(len(seeds))
+        row["bn_effect"] = row["bn"]["test_acc"] - row["no_bn"]["test_acc"]
+        sweep.append(row)
     bar.close()
-    return dict(grid=grid, ghost=ghost, n_train=n, n_test=len(xt))
+    return dict(grid=grid, ghost=ghost, sweep=sweep, n_train=n, n_test=len(xt))
 
 
 LABELS = {"no_bn": "plain", "no_bn+dropout": "dropout", "bn": "BN", "bn+dropout": "BN +\ndropout"}
@@ -147,7 +169,8 @@ def _variant_panel(results, key, ylabel, title, scale=100.0):
 
 def figures(results):
     """Parts: accuracy (test accuracy per variant), gap (train minus test accuracy), test_loss
-    (per variant), ghost (BN's test accuracy against the examples per statistic, g)."""
+    (per variant), batch_size (plain and BN test accuracy against the batch size), ghost (BN's
+    test accuracy against the examples per statistic, g)."""
     m, cfg = results["metrics"], results["config"]
     tag = f"{results['profile']}, {m['n_train']} examples"
     figs = {"accuracy": _variant_panel(results, "test_acc", "test accuracy (%)",
@@ -156,6 +179,21 @@ def figures(results):
                                   f"Accuracy gap ({tag})"),
             "test_loss": _variant_panel(results, "test_loss", "test cross-entropy",
                                         f"Test loss ({tag})", scale=1.0)}
+    fig, ax = plotting.subplots()
+    bss = [r["batch_size"] for r in m["sweep"]]
+    for norm, name in (("no_bn", "no BN"), ("bn", "BN")):
+        color = plotting.COLORS[norm]
+        for r in m["sweep"]:
+            seeds = r[norm]["test_acc_seeds"]
+            ax.semilogx([r["batch_size"]] * len(seeds), [100 * v for v in seeds], ".",
+                        color=color, alpha=0.4)
+        ax.semilogx(bss, [100 * r[norm]["test_acc"] for r in m["sweep"]], "o-", color=color,
+                    label=name)
+    plotting.ticks_at(ax, bss)
+    ax.legend()
+    plotting.label(ax, "batch size B (learning rate ∝ B)", "test accuracy (%)",
+                   f"{cfg['epochs']} epochs at every B ({results['profile']})")
+    figs["batch_size"] = fig
     fig, ax = plotting.subplots()
     gs = [r["ghost"] for r in m["ghost"]]
     for r in m["ghost"]:
