@@ -20,7 +20,7 @@ LAYOUT = [
     "book/experiments/covariate_shift", "book/experiments/noisy_bn",
     "book/experiments/inference_stats", "book/experiments/small_batches",
     "book/experiments/variance_correction", "book/experiments/sync_bn",
-    "book/experiments/gradients", "book/experiments/residual", "book/experiments/convnets",
+    "book/experiments/gradients", "book/experiments/residual", "book/experiments/convnet",
     "book/experiments/regularisation",
     "book/performance", "book/bibliography",
 ]

@@ -8,7 +8,7 @@ by 2x2 average pooling), global average pooling and a linear read-out. Variants:
 no bias, BN's beta replaces it) and "after" (conv -> ReLU -> BN). Each (variant, learning rate,
 seed) is trained with momentum SGD by the shared loop; its eval-mode test accuracy is recorded,
 and test-accuracy curves are kept at one learning rate.
-Book: book/experiments/convnets.ipynb
+Book: book/experiments/convnet.ipynb
 """
 import math
 
