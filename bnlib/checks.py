@@ -27,6 +27,19 @@ def check_input_dims(input, expected, layer):
                          f"got {input.dim()}D (shape {tuple(input.shape)})")
 
 
+def count_batch(layer):
+    """Count one training batch in a BN layer's num_batches_tracked (where it keeps one) and
+    return the momentum this batch's update uses: layer.momentum, or, for momentum=None, 1/n for
+    the n-th counted batch (a cumulative average; 0.0 where nothing is counted). Call it after
+    the checks, so that a failing call changes nothing."""
+    counter = layer.num_batches_tracked
+    if counter is not None:
+        counter.add_(1)
+    if layer.momentum is not None:
+        return layer.momentum
+    return 0.0 if counter is None else 1.0 / float(counter)
+
+
 def reduce_axes(ndim):
     """The axes a channel's statistics are taken over: every axis but 1."""
     return (0,) + tuple(range(2, ndim))

@@ -16,7 +16,7 @@ import inspect
 from torch import nn
 
 from bnlib import functional
-from bnlib.checks import check_input_dims, check_num_features
+from bnlib.checks import check_input_dims, check_num_features, count_batch
 
 
 class _BnlibForward:
@@ -34,13 +34,11 @@ class _BnlibForward:
         running_mean = self.running_mean if (not self.training or update) else None
         running_var = self.running_var if (not self.training or update) else None
         momentum = 0.0 if self.momentum is None else self.momentum
-        if update and self.num_batches_tracked is not None:
+        if update:
             # Validate first, so that a failing call changes nothing (not even the counter).
             functional.check_args(input, running_mean, running_var, self.weight, self.bias,
                                   use_batch_stats, momentum, self.eps)
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average: weight 1/n for the n-th batch
-                momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = count_batch(self)
         return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                      use_batch_stats, momentum, self.eps)
 

@@ -29,7 +29,7 @@ import math
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlib import functional
-from bnlib.checks import _real, check_args, check_input_dims, check_num_features
+from bnlib.checks import _real, check_args, check_input_dims, check_num_features, count_batch
 from bnlib.renorm_function import BatchRenormFunction
 
 
@@ -144,14 +144,10 @@ class _BatchRenorm(_BatchNorm):
         if not self.training:
             return functional.batch_norm(input, self.running_mean, self.running_var,
                                          self.weight, self.bias, False, 0.0, self.eps)
-        momentum = 0.0 if self.momentum is None else self.momentum
         # Validate first, so that a failing call changes nothing (not even the counter).
-        momentum, eps = check_args(input, self.running_mean, self.running_var, self.weight,
-                                   self.bias, True, momentum, self.eps)
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average: weight 1/n for the n-th batch
-                momentum = 1.0 / float(self.num_batches_tracked)
+        _, eps = check_args(input, self.running_mean, self.running_var, self.weight, self.bias,
+                            True, 0.0 if self.momentum is None else self.momentum, self.eps)
+        momentum = float(count_batch(self))
         if input.numel() == 0:  # torch's answer: an empty output, running statistics untouched
             return functional.batch_norm(input, self.running_mean, self.running_var,
                                          self.weight, self.bias, True, momentum, eps)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlib import functional
-from bnlib.checks import check_num_features, per_channel, reduce_axes, values_per_channel
+from bnlib.checks import (check_num_features, count_batch, per_channel, reduce_axes,
+                          values_per_channel)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
@@ -246,9 +247,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                              f"size {total} over the {world} ranks of the process group")
         momentum = 0.0 if self.momentum is None else self.momentum
         if update:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = count_batch(self)
         if total == 0:  # every shard empty: an empty output, statistics untouched
             return input.clone()
         return SyncBatchNormFunction.apply(
@@ -262,9 +261,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if update:
             functional.check_args(input, self.running_mean, self.running_var, self.weight,
                                   self.bias, True, momentum, self.eps)
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = count_batch(self)
         keep = not self.training or update
         return functional.batch_norm(input, self.running_mean if keep else None,
                                      self.running_var if keep else None, self.weight, self.bias,
